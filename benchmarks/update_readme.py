@@ -1,0 +1,56 @@
+"""Regenerate the README's results tables from benchmarks/results/*.json (never typed by hand).
+
+Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
+
+    python benchmarks/update_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_fmnist(data: dict) -> str:
+    m = data["machine"]
+    hw = f"{m['threads']} CPU threads, {'native bf16' if m['cpu_bf16'] else 'fp32 (no native bf16 on this CPU)'}"
+    lines = [
+        f"Fashion-MNIST test top-1 after training; {hw}; torch {m['torch']}. "
+        "Median over the seeds shown; training time excludes evaluation.",
+        "",
+        "| recipe | test top-1 | training time | seeds | test top-1 after each epoch (training s) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for label, s in data["summary"].items():
+        curve = data["runs"][label][0]["curve"]
+        trace = ", ".join(f"{p['test_top1'] * 100:.2f}% ({p['train_time_s']:.0f})" for p in curve)
+        lines.append(
+            f"| {label} | {s['median_test_top1'] * 100:.2f}% | {s['median_train_time_s']:.0f} s | {s['seeds']} | {trace} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"train_fmnist": train_fmnist}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in TABLES.items():
+        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        if not path.exists():
+            continue
+        block = render(json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no {name} markers")
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+    readme.write_text(text)
+    print("README.md tables updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from pupil.cli import main
+
+sys.exit(main())

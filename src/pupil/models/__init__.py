@@ -1,0 +1,10 @@
+"""Model families (one module each), the registry and the contract.
+
+Families register themselves when imported; the imports below are the complete list.
+"""
+
+from pupil.models import lenet, resnet, vgg, vit  # noqa: F401  (registers the families)
+from pupil.models.contract import PixelModel, check_contract, gradcam_module
+from pupil.models.registry import MODELS, create
+
+__all__ = ["MODELS", "PixelModel", "check_contract", "create", "gradcam_module"]

@@ -1,0 +1,403 @@
+"""The training loop: ``fit`` builds everything from a Config, ``train_one_epoch`` and ``evaluate``
+do the work, and every epoch leaves a complete, resumable run directory.
+
+Determinism: the order of epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)``, and every augmentation draw comes from one generator whose state is checkpointed, so
+a run resumed after a kill or Ctrl-C replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pupil.config import Config, from_dict
+from pupil.data import BatchAugment, ImageDataset, load
+from pupil.data.transforms import AugmentConfig
+from pupil.errors import PupilError
+from pupil.io import append_jsonl, write_json
+from pupil.models import PixelModel, create
+from pupil.models.registry import check_name
+from pupil.run import Run, environment, load_run
+from pupil.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from pupil.training.optim import create_optimizer
+from pupil.training.schedule import lr_factor
+from pupil.training.tasks import TASKS
+
+
+class Interrupted(PupilError):
+    """Raised after Ctrl-C once the resume state is safely on disk."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PupilError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PupilError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and measured ~10x slower than fp32 (benchmarks/train_fmnist.py)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy (timm's Mixup draws from it) and Python's random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def setup_threads(threads: int) -> int:
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [0, 1] on ``device``."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    ds: ImageDataset,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU, in dataset order."""
+    device = torch.device(device)
+    model.eval()
+    out = []
+    for chunk in ds.images.split(batch_size):
+        with autocast(device, dtype):
+            out.append(model(to_input(chunk, device, channels_last)).float().cpu())
+    logits = torch.cat(out)
+    if not torch.isfinite(logits).all():
+        raise PupilError(f"the model produced {(~torch.isfinite(logits)).sum().item()} non-finite logits")
+    return logits
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, **kwargs: Any) -> dict[str, float]:
+    """Top-1, top-5 (where there are more than 5 classes) and cross-entropy over ``ds``."""
+    logits = predict_logits(model, ds, **kwargs)
+    y = ds.targets
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return {
+        "top1": (top[:, 0] == y).float().mean().item(),
+        f"top{k}": (top == y[:, None]).any(1).float().mean().item(),
+        "loss": nn.functional.cross_entropy(logits, y).item(),
+        "n": len(y),
+    }
+
+
+def train_one_epoch(
+    state: dict[str, Any], epoch: int, start: int, bar: Callable[[int, dict], None]
+) -> dict[str, float]:
+    """Run the steps of ``epoch`` from batch ``start``; returns mean loss and accuracy over them."""
+    cfg: Config = state["cfg"]
+    model, opt, task, device = state["model"], state["opt"], state["task"], state["device"]
+    ds: ImageDataset = state["train_ds"]
+    bs, spe = cfg.data.batch_size, state["steps_per_epoch"]
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen, t0 = 0, time.perf_counter()
+    model.train()
+    for i in range(start, spe):
+        if state["step"] >= state["total_steps"]:
+            break
+        idx = order[i * bs : (i + 1) * bs]
+        x = state["augment"](to_input(ds.images[idx], device, state["channels_last"]), state["gen"])
+        y = ds.targets[idx].to(device, non_blocking=True)
+        hard_y = y
+        if state["mixup"] is not None:
+            x, y = state["mixup"](x, y)
+        factor = lr_factor(
+            state["step"], state["total_steps"], state["warmup_steps"], cfg.optim.sched, cfg.optim.min_lr_ratio
+        )
+        for group in opt.param_groups:
+            group["lr"] = cfg.optim.lr * factor
+        with autocast(device, state["dtype"]):
+            out = task(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.optim.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        opt.step()
+        state["step"] += 1
+        if state["ema"] is not None:
+            state["ema"].update(model, step=state["step"])
+        loss_sum += out["loss"].detach() * len(idx)
+        correct += (out["logits"].detach().argmax(1) == hard_y).sum()
+        seen += len(idx)
+        if state["on_step"] is not None:
+            state["on_step"](state)
+        if i % 10 == 0 or i == spe - 1:
+            rate = seen / (time.perf_counter() - t0)
+            bar(state["step"], {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "img/s": rate})
+    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1), "seen": seen}
+
+
+def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Data, model, task, optimizer, EMA and mixup for ``cfg``; returns the loop state."""
+    check_name(cfg.model.model)
+    device = resolve_device(cfg.train.device)
+    threads = setup_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    d = cfg.data
+    kw = dict(data_dir=d.data_dir, val_size=d.val_size, seed=cfg.train.seed, img_size=d.img_size)
+    train_ds = load(d.dataset, "train", **kw)
+    val_ds = load(d.dataset, "val", **kw) if d.val_size else None
+    c, h, w = train_ds.shape
+    if h != w:
+        raise PupilError(f"images are {h}x{w}; pass --img-size to train on square images")
+    if d.batch_size > len(train_ds):
+        raise PupilError(f"batch size {d.batch_size} is larger than the {len(train_ds)}-image training split")
+    mean, std = train_ds.mean_std()
+    model_kwargs = dict(cfg.model.model_args, drop_rate=cfg.model.drop_rate)
+    if cfg.model.drop_path_rate:
+        model_kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    net = create(cfg.model.model, num_classes=len(train_ds.classes), in_chans=c, img_size=h, **model_kwargs)
+    channels_last = cfg.train.channels_last and any(isinstance(m, nn.Conv2d) for m in net.modules())
+    model = PixelModel(net, mean, std).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mixup = None
+    if d.mixup or d.cutmix:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=d.mixup,
+            cutmix_alpha=d.cutmix,
+            label_smoothing=cfg.optim.label_smoothing,
+            num_classes=len(train_ds.classes),
+        )
+    ema = None
+    if cfg.optim.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+    spe = len(train_ds) // d.batch_size
+    total = math.ceil(cfg.train.epochs * spe)
+    aug = AugmentConfig(d.crop_pad, d.flip, d.rotate, d.color_jitter, d.erase_prob)
+    return {
+        "cfg": cfg, "run_dir": run_dir, "device": device, "threads": threads, "train_ds": train_ds, "val_ds": val_ds,
+        "model": model, "ema": ema, "mixup": mixup, "task": TASKS.get(cfg.train.task)(cfg.optim.label_smoothing),
+        "opt": create_optimizer(model, cfg.optim), "augment": BatchAugment(aug), "channels_last": channels_last,
+        "dtype": resolve_precision(cfg.train.precision, device), "gen": torch.Generator().manual_seed(cfg.train.seed),
+        "steps_per_epoch": spe, "total_steps": total, "warmup_steps": int(cfg.optim.warmup_epochs * spe),
+        "step": 0, "elapsed": 0.0, "on_step": None, "best_val": None,
+    }  # fmt: skip
+
+
+def deployed(state: dict[str, Any]) -> PixelModel:
+    """The weights that are evaluated and saved: the EMA when it is on."""
+    return state["ema"].module if state["ema"] is not None else state["model"]
+
+
+def save_state(state: dict[str, Any]) -> None:
+    ckpt = {
+        "step": state["step"], "elapsed": state["elapsed"], "best_val": state["best_val"],
+        "model": state["model"].state_dict(), "opt": state["opt"].state_dict(),
+        "ema": state["ema"].state_dict() if state["ema"] is not None else None,
+        "gen": state["gen"].get_state(), "rng": rng_state(),
+    }  # fmt: skip
+    save_checkpoint(state["run_dir"] / "checkpoint.pt", ckpt)
+    save_weights(state["run_dir"] / "model.safetensors", deployed(state).net)
+
+
+def restore_state(state: dict[str, Any]) -> None:
+    ckpt = load_checkpoint(state["run_dir"] / "checkpoint.pt")
+    state["model"].load_state_dict(ckpt["model"])
+    state["opt"].load_state_dict(ckpt["opt"])
+    if state["ema"] is not None and ckpt["ema"] is not None:
+        state["ema"].load_state_dict(ckpt["ema"])
+    state["gen"].set_state(ckpt["gen"])
+    set_rng_state(ckpt["rng"])
+    state["step"], state["elapsed"], state["best_val"] = ckpt["step"], ckpt["elapsed"], ckpt["best_val"]
+
+
+def run_info(state: dict[str, Any], status: str, summary: dict[str, Any]) -> dict[str, Any]:
+    cfg: Config = state["cfg"]
+    ds: ImageDataset = state["train_ds"]
+    net = state["model"].net
+    build_args = dict(cfg.model.model_args, drop_rate=cfg.model.drop_rate)
+    return {
+        "schema": 1,
+        "status": status,
+        "model": {
+            "name": cfg.model.model, "kwargs": build_args, "num_classes": len(ds.classes),
+            "in_chans": ds.shape[0], "img_size": ds.shape[1], "params": sum(p.numel() for p in net.parameters()),
+        },
+        "data": {
+            "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir, "classes": ds.classes,
+            "input_shape": list(ds.shape), "mean": state["model"].mean.flatten().tolist(),
+            "std": state["model"].std.flatten().tolist(), "train_size": len(ds),
+            "val_size": len(state["val_ds"]) if state["val_ds"] is not None else 0,
+            "conversions": ds.meta.get("conversions", {}),
+        },
+        "tta": cfg.train.tta,
+        "config": cfg.to_dict(),
+        "seed": cfg.train.seed,
+        "runtime": {"device": str(state["device"]), "precision": str(state["dtype"] or "fp32"),
+                    "threads": state["threads"], "channels_last": state["channels_last"]},
+        "versions": environment(),
+        "history": summary,
+    }  # fmt: skip
+
+
+def fit(
+    cfg: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict, dict], None] | None = None,
+) -> Run:
+    """Train ``cfg`` into ``<out>/<name>``, or continue the run directory ``resume``.
+
+    ``on_step(state)`` runs after every optimizer step and ``on_epoch(state, record)`` after every epoch
+    (benchmarks use it to trace test accuracy against training time; training never looks at the test set).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        info = load_run(run_dir, load_model=False).info
+        cfg = from_dict(info["config"])
+        if info["status"] == "finished":
+            raise PupilError(f"run {run_dir} already finished; nothing to resume")
+    else:
+        run_dir = Path(cfg.train.out) / cfg.train.name
+        if (run_dir / "run.json").exists() or (run_dir / "checkpoint.pt").exists():
+            if not overwrite:
+                raise PupilError(f"run directory {run_dir} exists; use --resume {run_dir}, --overwrite or --name")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    state = build(cfg, run_dir)
+    state["on_step"] = on_step
+    if resume is not None:
+        restore_state(state)
+    history = {"epochs": cfg.train.epochs, "total_steps": state["total_steps"]}
+    write_json(run_dir / "run.json", run_info(state, "running", history))
+    with _progress(progress, state) as bar:
+        try:
+            while state["step"] < state["total_steps"]:
+                epoch, start = divmod(state["step"], state["steps_per_epoch"])
+                t0 = time.perf_counter()
+                stats = train_one_epoch(state, epoch, start, bar)
+                state["elapsed"] += time.perf_counter() - t0
+                record = {
+                    "epoch": epoch + 1,
+                    "step": state["step"],
+                    **stats,
+                    "lr_factor": lr_factor(
+                        state["step"] - 1,
+                        state["total_steps"],
+                        state["warmup_steps"],
+                        cfg.optim.sched,
+                        cfg.optim.min_lr_ratio,
+                    ),
+                    "train_time_s": round(state["elapsed"], 2),
+                }
+                if state["val_ds"] is not None:
+                    val = evaluate(_eval_model(state), state["val_ds"], **_eval_kwargs(state))
+                    record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+                    state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
+                if on_epoch is not None:
+                    on_epoch(state, record)
+                append_jsonl(run_dir / "metrics.jsonl", record)
+                save_state(state)
+                history.update(last=record, best_val_top1=state["best_val"], train_time_s=round(state["elapsed"], 2))
+                write_json(run_dir / "run.json", run_info(state, "running", history))
+        except KeyboardInterrupt:
+            state["elapsed"] += time.perf_counter() - t0
+            save_state(state)
+            write_json(run_dir / "run.json", run_info(state, "interrupted", history))
+            raise Interrupted(
+                f"interrupted at step {state['step']}; continue with: pupil train --resume {run_dir}"
+            ) from None
+    write_json(run_dir / "run.json", run_info(state, "finished", history))
+    return load_run(run_dir, device=state["device"])
+
+
+def _eval_model(state: dict[str, Any]) -> PixelModel:
+    model = deployed(state)
+    model.tta = state["cfg"].train.tta
+    return model
+
+
+def _eval_kwargs(state: dict[str, Any]) -> dict[str, Any]:
+    return dict(batch_size=state["cfg"].data.eval_batch_size, device=state["device"], dtype=state["dtype"],
+                channels_last=state["channels_last"])  # fmt: skip
+
+
+class _progress:
+    """A rich progress bar over training steps (loss, accuracy, images/s, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, state: dict[str, Any]):
+        self.enabled, self.state = enabled, state
+
+    def __enter__(self) -> Callable[[int, dict], None]:
+        if not self.enabled:
+            return lambda step, stats: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        )  # fmt: skip
+        self.bar.__enter__()
+        s = self.state
+        name = s["cfg"].train.name
+        self.task = self.bar.add_task(f"train {name}", total=s["total_steps"], completed=s["step"], stats="")
+
+        def update(step: int, stats: dict) -> None:
+            epoch = (step - 1) // s["steps_per_epoch"] + 1
+            text = f"epoch {epoch} loss {stats['loss']:.3f} acc {stats['acc']:.3f} {stats['img/s']:.0f} img/s"
+            self.bar.update(self.task, completed=step, stats=text)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

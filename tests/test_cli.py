@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pupil.cli import main
+from tests.conftest import ROOT
+
+
+def test_train_eval_end_to_end(tmp_path, capsys):
+    recipe = str(ROOT / "recipes/smoke/synthetic.yaml")
+    assert main(["train", recipe, "--out", str(tmp_path), "--epochs", "2", "--no-progress", "--lr", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "run directory:" in out
+    run = tmp_path / "synthetic"
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["optim"]["lr"] == 0.05 and info["config"]["train"]["epochs"] == 2
+    assert main(["eval", str(run), "--split", "test", "--device", "cpu"]) == 0
+    result = json.loads((run / "eval_test.json").read_text())
+    assert 0 <= result["top1"] <= 1 and result["n"] == 512 and result["split"] == "test"
+
+
+def test_generated_flags_cover_the_config(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--lr", "--epochs", "--model", "--dataset", "--device", "--ema-decay", "--flip / --no-flip"):
+        assert flag in text
+
+
+def test_models_lists_families_with_flops(capsys):
+    assert main(["models", "--family", "resnet", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    r20 = next(r for r in rows if r["name"] == "resnet20")
+    assert r20["year"] == 2016 and r20["params"] > 2e5 and r20["flops"] > 1e7
+
+
+def test_data_show_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["data", "show", "synthetic", "--out", str(out), "--per-class", "3"]) == 0
+    assert out.stat().st_size > 1000 and "class0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--dataset", "synthetic", "--model", "resnet999", "--no-progress"], "unknown model 'resnet999'"),
+        (["train", "--dataset", "nope", "--no-progress"], "unknown dataset 'nope'"),
+        (["eval", "/nonexistent/run"], "does not exist"),
+        (["train", "--dataset", "synthetic", "--device", "cuda:7", "--no-progress"], "CUDA is not available"),
+        (["train", "missing.yaml"], "recipe missing.yaml does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_console_entry_point_runs():
+    res = subprocess.run([sys.executable, "-m", "pupil", "models", "--family", "lenet"], capture_output=True, text=True)
+    assert res.returncode == 0 and "lenet5" in res.stdout
