@@ -15,7 +15,6 @@ informs no choice. Writes benchmarks/results/train_fmnist.json and prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,7 +28,15 @@ import pupil
 from pupil.config import build
 from pupil.data import load
 from pupil.io import write_json
-from pupil.training.loop import autocast, cpu_has_fast_bf16, evaluate, fit, resolve_precision, setup_threads
+from pupil.training.loop import (
+    autocast,
+    cpu_has_fast_bf16,
+    evaluate,
+    evaluate_deployed,
+    fit,
+    resolve_precision,
+    setup_threads,
+)
 from pupil.training.schedule import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +108,7 @@ def ours(recipe: Path, seed: int, overrides: dict | None = None) -> dict:
     curve = []
 
     def trace(state: dict, record: dict) -> None:
-        model = state["ema"].module if state["ema"] is not None else state["model"]
-        model.tta = state["cfg"].train.tta
-        top1 = evaluate(model, test, batch_size=1024, dtype=state["dtype"], channels_last=state["channels_last"])[
-            "top1"
-        ]
+        top1 = evaluate_deployed(state, test)["top1"]
         curve.append({"epoch": state["step"] / state["steps_per_epoch"], "train_time_s": record["train_time_s"],
                       "test_top1": top1})  # fmt: skip
 
@@ -150,7 +153,7 @@ def main() -> None:
             "cuda": torch.cuda.is_available(),
             "torch": torch.__version__,
             "pupil": pupil.__version__,
-        },  # fmt: skip
+        },
         "summary": summary,
         "runs": results,
     }

@@ -27,9 +27,8 @@ def train_fmnist(data: dict) -> str:
     for label, s in data["summary"].items():
         curve = data["runs"][label][0]["curve"]
         trace = ", ".join(f"{p['test_top1'] * 100:.2f}% ({p['train_time_s']:.0f})" for p in curve)
-        lines.append(
-            f"| {label} | {s['median_test_top1'] * 100:.2f}% | {s['median_train_time_s']:.0f} s | {s['seeds']} | {trace} |"
-        )
+        top1, secs = s["median_test_top1"] * 100, s["median_train_time_s"]
+        lines.append(f"| {label} | {top1:.2f}% | {secs:.0f} s | {s['seeds']} | {trace} |")
     return "\n".join(lines)
 
 
@@ -47,7 +46,7 @@ def main() -> None:
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no {name} markers")
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+        text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
     readme.write_text(text)
     print("README.md tables updated")
 

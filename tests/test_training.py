@@ -91,3 +91,13 @@ def test_recipe_errors_are_clear(tmp_path, smoke_recipe):
         build(smoke_recipe, {"opt": "rmsprop"})
     with pytest.raises(PupilError, match="does not exist"):
         build(tmp_path / "nope.yaml")
+
+
+def test_training_steps_never_run_with_tta(tmp_path, smoke_recipe):
+    seen = []
+
+    def spy(state):
+        seen.append(state["model"].tta)
+
+    run = fit(smoke(tmp_path, smoke_recipe, "t", tta=True, epochs=2.0), progress=False, on_step=spy)
+    assert seen and not any(seen) and run.model.tta

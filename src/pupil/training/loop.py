@@ -340,7 +340,7 @@ def fit(
                     "train_time_s": round(state["elapsed"], 2),
                 }
                 if state["val_ds"] is not None:
-                    val = evaluate(_eval_model(state), state["val_ds"], **_eval_kwargs(state))
+                    val = evaluate_deployed(state, state["val_ds"])
                     record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
                     state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
                 if on_epoch is not None:
@@ -360,15 +360,19 @@ def fit(
     return load_run(run_dir, device=state["device"])
 
 
-def _eval_model(state: dict[str, Any]) -> PixelModel:
+def evaluate_deployed(state: dict[str, Any], ds: ImageDataset) -> dict[str, float]:
+    """Evaluate the deployed weights as they will be served (with flip TTA when the recipe says so).
+
+    TTA is switched on for this call only: left on, it would double the cost of the training steps
+    that follow and change what they optimise.
+    """
     model = deployed(state)
     model.tta = state["cfg"].train.tta
-    return model
-
-
-def _eval_kwargs(state: dict[str, Any]) -> dict[str, Any]:
-    return dict(batch_size=state["cfg"].data.eval_batch_size, device=state["device"], dtype=state["dtype"],
-                channels_last=state["channels_last"])  # fmt: skip
+    try:
+        return evaluate(model, ds, batch_size=state["cfg"].data.eval_batch_size, device=state["device"],
+                        dtype=state["dtype"], channels_last=state["channels_last"])  # fmt: skip
+    finally:
+        model.tta = False
 
 
 class _progress:
