@@ -109,8 +109,13 @@ def ours(recipe: Path, seed: int, overrides: dict | None = None) -> dict:
 
     def trace(state: dict, record: dict) -> None:
         top1 = evaluate_deployed(state, test)["top1"]
-        curve.append({"epoch": state["step"] / state["steps_per_epoch"], "train_time_s": record["train_time_s"],
-                      "test_top1": top1})  # fmt: skip
+        curve.append(
+            {
+                "epoch": state["step"] / state["steps_per_epoch"],
+                "train_time_s": record["train_time_s"],
+                "test_top1": top1,
+            }
+        )
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build(recipe, {"out": out, "seed": seed, **(overrides or {})})

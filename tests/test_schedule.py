@@ -9,8 +9,11 @@ def naive(step, total, warmup, kind, lo):
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / (total - warmup)
-    return {"cosine": lo + (1 - lo) * (1 + math.cos(math.pi * t)) / 2, "onecycle": lo + (1 - lo) * (1 - t),
-            "constant": 1.0}[kind]  # fmt: skip
+    return {
+        "cosine": lo + (1 - lo) * (1 + math.cos(math.pi * t)) / 2,
+        "onecycle": lo + (1 - lo) * (1 - t),
+        "constant": 1.0,
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", ["cosine", "onecycle", "constant"])

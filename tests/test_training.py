@@ -73,8 +73,22 @@ def test_existing_run_dir_is_not_overwritten_by_accident(tmp_path, smoke_recipe)
 
 
 def test_adamw_cosine_clip_and_augmentations_run(tmp_path, smoke_recipe):
-    cfg = smoke(tmp_path, smoke_recipe, "a", opt="adamw", lr=3e-3, sched="cosine", clip_grad=1.0, rotate=10.0,
-                erase_prob=0.5, cutmix=1.0, model="vit_tiny", epochs=1.0, drop_path_rate=0.1, tta=True)  # fmt: skip
+    cfg = smoke(
+        tmp_path,
+        smoke_recipe,
+        "a",
+        opt="adamw",
+        lr=3e-3,
+        sched="cosine",
+        clip_grad=1.0,
+        rotate=10.0,
+        erase_prob=0.5,
+        cutmix=1.0,
+        model="vit_tiny",
+        epochs=1.0,
+        drop_path_rate=0.1,
+        tta=True,
+    )
     run = fit(cfg, progress=False)
     assert run.model.tta and run.info["model"]["name"] == "vit_tiny"
 

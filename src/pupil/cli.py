@@ -47,15 +47,22 @@ def eval_cmd(
     r = load_run(run, device=dev)
     d = r.info["data"]
     cfg = r.info["config"]
-    ds = load(d["dataset"], split, data_dir=data_dir or d.get("data_dir"), val_size=cfg["data"]["val_size"],
-              seed=cfg["train"]["seed"], img_size=cfg["data"].get("img_size"))  # fmt: skip
+    ds = load(
+        d["dataset"],
+        split,
+        data_dir=data_dir or d.get("data_dir"),
+        val_size=cfg["data"]["val_size"],
+        seed=cfg["train"]["seed"],
+        img_size=cfg["data"].get("img_size"),
+    )
     if ds.classes != r.classes:
         raise PupilError(f"the dataset's classes {ds.classes} do not match the run's {r.classes}")
     if list(ds.shape) != d["input_shape"]:
         raise PupilError(f"the dataset's images are {list(ds.shape)} but the run was trained on {d['input_shape']}")
     dtype = resolve_precision(cfg["train"]["precision"], dev)
-    metrics = evaluate(r.model, ds, batch_size=batch_size, device=dev, dtype=dtype,
-                       channels_last=r.info["runtime"]["channels_last"])  # fmt: skip
+    metrics = evaluate(
+        r.model, ds, batch_size=batch_size, device=dev, dtype=dtype, channels_last=r.info["runtime"]["channels_last"]
+    )
     out = {"run": str(run), "split": split, "tta": r.model.tta, "device": str(dev), "threads": threads, **metrics}
     path = write_json(Path(run) / f"eval_{split}.json", out)
     table = Table(title=f"{run} on {d['dataset']} {split} ({metrics['n']} images{', flip TTA' if r.model.tta else ''})")
@@ -143,6 +150,117 @@ def data_show(
     console.print(f"wrote {out}")
 
 
+@app.command("audit")
+def audit_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    checks: Annotated[str, typer.Option(help="Comma-separated check names (default: all).")] = "",
+    budget: Annotated[str, typer.Option(help="quick (minutes) or full.")] = "quick",
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for bootstrap and sampling.")] = 0,
+    setting: Annotated[
+        list[str] | None, typer.Option("--set", help="check.field=value, e.g. energy.country=FRA.")
+    ] = None,
+    thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
+) -> None:
+    """Audit a run: write <run>/results.json, then render report.html and model_card.md from it."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from pupil.audit import run_audit
+    from pupil.report.render import load_thresholds, render_run
+    from pupil.training.loop import setup_threads
+
+    setup_threads(0)
+    load_thresholds(thresholds)  # a bad file fails before the audit, not after
+    names = [c.strip() for c in checks.split(",") if c.strip()] or None
+    settings = _parse_settings(setting or [])
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        tasks = {}
+
+        def on_check(name: str, event: str) -> None:
+            if event == "start":
+                tasks[name] = bar.add_task(f"audit: {name}", total=1)
+            else:
+                bar.update(tasks[name], completed=1, description=f"audit: {name} done")
+
+        results = run_audit(
+            run, names, budget=budget, device=device, seed=seed, settings=settings, data_dir=data_dir, on_check=on_check
+        )
+    html, card = render_run(run, thresholds)
+    _print_card(results)
+    console.print(f"results: {Path(run) / 'results.json'}\nreport: {html}\nmodel card: {card}")
+
+
+@app.command("report")
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory holding results.json.")],
+    thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
+) -> None:
+    """Re-render report.html and model_card.md from results.json alone."""
+    from pupil.report.render import render_run
+
+    html, card = render_run(run, thresholds)
+    console.print(f"report: {html}\nmodel card: {card}")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories or results.json files.")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.html and leaderboard.json.")] = Path("compare"),
+) -> None:
+    """Leaderboard and Pareto plots over many runs' results.json; mismatched audit settings are flagged."""
+    from pupil.report.compare import compare
+    from pupil.report.render import fmt
+
+    board = compare(runs, out)
+    table = Table(title=f"leaderboard ({len(board['runs'])} runs)")
+    for col in ("run", "model", "top-1", "macro-F1", "ECE", "latency p50 ms", "FLOPs", "Pareto (latency)"):
+        table.add_column(col)
+    for r in board["runs"]:
+        table.add_row(
+            r["name"],
+            r["model"],
+            fmt(r["top1"], "fraction"),
+            fmt(r["macro_f1"]),
+            fmt(r["ece"]),
+            fmt(r["latency_ms"]),
+            _si(r["flops"] or 0),
+            "yes" if r.get("pareto_latency_ms") else "",
+        )
+    console.print(table)
+    for k, v in board["mismatched_settings"].items():
+        console.print(f"[bold red]warning[/]: runs differ in {k}: {', '.join(v)}")
+    console.print(f"wrote {out / 'compare.html'} and {out / 'leaderboard.json'}")
+
+
+def _parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        check, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise PupilError(f"--set {item!r}: expected check.field=value")
+        out.setdefault(check, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def _print_card(results: dict[str, Any]) -> None:
+    from pupil.report.render import fmt, grade, load_thresholds
+
+    limits = load_thresholds(None)
+    table = Table(title=f"report card: {results['run']['name']}")
+    for col in ("check", "figure", "value", "95% CI", "grade", "time"):
+        table.add_column(col)
+    for name, s in results["checks"].items():
+        h = s["headline"]
+        u = h.get("unit", "")
+        ci = f"{fmt(h['ci95'][0], u)} – {fmt(h['ci95'][1], u)}" if "ci95" in h else ""
+        table.add_row(
+            s["title"], h["label"], fmt(h["value"], u), ci, grade(h, limits.get(name)), f"{s['runtime_s']:.1f} s"
+        )
+    console.print(table)
+
+
 def _si(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
@@ -199,9 +317,11 @@ def train_command() -> click.Command:
     ]
     params += [_option(name, f, doc) for name, (_, f, doc) in flat_fields().items()]
     return click.Command(
-        "train", params=params, callback=_train,
+        "train",
+        params=params,
+        callback=_train,
         help="Train a model from a YAML RECIPE; flags override the recipe's fields.",
-    )  # fmt: skip
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

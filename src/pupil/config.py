@@ -124,6 +124,10 @@ class TrainConfig:
     """CPU threads for PyTorch (0: one per core)."""
     tta: bool = True
     """Evaluate (and deploy) with horizontal-flip test-time augmentation."""
+    track_energy: bool = True
+    """Estimate training energy and CO2-eq with codecarbon (recorded in run.json)."""
+    energy_country: str = "USA"
+    """ISO 3166 alpha-3 code of the grid used to convert energy to CO2-eq."""
 
     def __post_init__(self):
         if self.epochs <= 0:

@@ -27,8 +27,14 @@ def environment() -> dict[str, str]:
 
     from pupil import __version__
 
-    return {"pupil": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "numpy": numpy.__version__}  # fmt: skip
+    return {
+        "pupil": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 @dataclass
@@ -88,8 +94,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     m, d = info["model"], info["data"]
     if len(d["classes"]) != m["num_classes"]:
         raise PupilError(f"{run_dir}/run.json lists {len(d['classes'])} classes but the model has {m['num_classes']}")
-    net = create(m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], img_size=m["img_size"],
-                 **m.get("kwargs", {}))  # fmt: skip
+    net = create(
+        m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], img_size=m["img_size"], **m.get("kwargs", {})
+    )
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:

@@ -31,6 +31,8 @@ from pupil.models import PixelModel, create
 from pupil.models.registry import check_name
 from pupil.run import Run, environment, load_run
 from pupil.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from pupil.training.energy import EnergyMeter
+from pupil.training.energy import add as add_energy
 from pupil.training.optim import create_optimizer
 from pupil.training.schedule import lr_factor
 from pupil.training.tasks import TASKS
@@ -221,13 +223,29 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
     total = math.ceil(cfg.train.epochs * spe)
     aug = AugmentConfig(d.crop_pad, d.flip, d.rotate, d.color_jitter, d.erase_prob)
     return {
-        "cfg": cfg, "run_dir": run_dir, "device": device, "threads": threads, "train_ds": train_ds, "val_ds": val_ds,
-        "model": model, "ema": ema, "mixup": mixup, "task": TASKS.get(cfg.train.task)(cfg.optim.label_smoothing),
-        "opt": create_optimizer(model, cfg.optim), "augment": BatchAugment(aug), "channels_last": channels_last,
-        "dtype": resolve_precision(cfg.train.precision, device), "gen": torch.Generator().manual_seed(cfg.train.seed),
-        "steps_per_epoch": spe, "total_steps": total, "warmup_steps": int(cfg.optim.warmup_epochs * spe),
-        "step": 0, "elapsed": 0.0, "on_step": None, "best_val": None,
-    }  # fmt: skip
+        "cfg": cfg,
+        "run_dir": run_dir,
+        "device": device,
+        "threads": threads,
+        "train_ds": train_ds,
+        "val_ds": val_ds,
+        "model": model,
+        "ema": ema,
+        "mixup": mixup,
+        "task": TASKS.get(cfg.train.task)(cfg.optim.label_smoothing),
+        "opt": create_optimizer(model, cfg.optim),
+        "augment": BatchAugment(aug),
+        "channels_last": channels_last,
+        "dtype": resolve_precision(cfg.train.precision, device),
+        "gen": torch.Generator().manual_seed(cfg.train.seed),
+        "steps_per_epoch": spe,
+        "total_steps": total,
+        "warmup_steps": int(cfg.optim.warmup_epochs * spe),
+        "step": 0,
+        "elapsed": 0.0,
+        "on_step": None,
+        "best_val": None,
+    }
 
 
 def deployed(state: dict[str, Any]) -> PixelModel:
@@ -237,11 +255,15 @@ def deployed(state: dict[str, Any]) -> PixelModel:
 
 def save_state(state: dict[str, Any]) -> None:
     ckpt = {
-        "step": state["step"], "elapsed": state["elapsed"], "best_val": state["best_val"],
-        "model": state["model"].state_dict(), "opt": state["opt"].state_dict(),
+        "step": state["step"],
+        "elapsed": state["elapsed"],
+        "best_val": state["best_val"],
+        "model": state["model"].state_dict(),
+        "opt": state["opt"].state_dict(),
         "ema": state["ema"].state_dict() if state["ema"] is not None else None,
-        "gen": state["gen"].get_state(), "rng": rng_state(),
-    }  # fmt: skip
+        "gen": state["gen"].get_state(),
+        "rng": rng_state(),
+    }
     save_checkpoint(state["run_dir"] / "checkpoint.pt", ckpt)
     save_weights(state["run_dir"] / "model.safetensors", deployed(state).net)
 
@@ -266,24 +288,36 @@ def run_info(state: dict[str, Any], status: str, summary: dict[str, Any]) -> dic
         "schema": 1,
         "status": status,
         "model": {
-            "name": cfg.model.model, "kwargs": build_args, "num_classes": len(ds.classes),
-            "in_chans": ds.shape[0], "img_size": ds.shape[1], "params": sum(p.numel() for p in net.parameters()),
+            "name": cfg.model.model,
+            "kwargs": build_args,
+            "num_classes": len(ds.classes),
+            "in_chans": ds.shape[0],
+            "img_size": ds.shape[1],
+            "params": sum(p.numel() for p in net.parameters()),
         },
         "data": {
-            "dataset": cfg.data.dataset, "data_dir": cfg.data.data_dir, "classes": ds.classes,
-            "input_shape": list(ds.shape), "mean": state["model"].mean.flatten().tolist(),
-            "std": state["model"].std.flatten().tolist(), "train_size": len(ds),
+            "dataset": cfg.data.dataset,
+            "data_dir": cfg.data.data_dir,
+            "classes": ds.classes,
+            "input_shape": list(ds.shape),
+            "mean": state["model"].mean.flatten().tolist(),
+            "std": state["model"].std.flatten().tolist(),
+            "train_size": len(ds),
             "val_size": len(state["val_ds"]) if state["val_ds"] is not None else 0,
             "conversions": ds.meta.get("conversions", {}),
         },
         "tta": cfg.train.tta,
         "config": cfg.to_dict(),
         "seed": cfg.train.seed,
-        "runtime": {"device": str(state["device"]), "precision": str(state["dtype"] or "fp32"),
-                    "threads": state["threads"], "channels_last": state["channels_last"]},
+        "runtime": {
+            "device": str(state["device"]),
+            "precision": str(state["dtype"] or "fp32"),
+            "threads": state["threads"],
+            "channels_last": state["channels_last"],
+        },
         "versions": environment(),
         "history": summary,
-    }  # fmt: skip
+    }
 
 
 def fit(
@@ -318,46 +352,57 @@ def fit(
     if resume is not None:
         restore_state(state)
     history = {"epochs": cfg.train.epochs, "total_steps": state["total_steps"]}
+    if resume is not None:
+        history = dict(info.get("history") or history)
     write_json(run_dir / "run.json", run_info(state, "running", history))
-    with _progress(progress, state) as bar:
+    meter = EnergyMeter(cfg.train.energy_country) if cfg.train.track_energy else None
+    interrupted = False
+    with _progress(progress, state) as bar, meter or nullcontext():
         try:
             while state["step"] < state["total_steps"]:
-                epoch, start = divmod(state["step"], state["steps_per_epoch"])
-                t0 = time.perf_counter()
-                stats = train_one_epoch(state, epoch, start, bar)
-                state["elapsed"] += time.perf_counter() - t0
-                record = {
-                    "epoch": epoch + 1,
-                    "step": state["step"],
-                    **stats,
-                    "lr_factor": lr_factor(
-                        state["step"] - 1,
-                        state["total_steps"],
-                        state["warmup_steps"],
-                        cfg.optim.sched,
-                        cfg.optim.min_lr_ratio,
-                    ),
-                    "train_time_s": round(state["elapsed"], 2),
-                }
-                if state["val_ds"] is not None:
-                    val = evaluate_deployed(state, state["val_ds"])
-                    record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-                    state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
-                if on_epoch is not None:
-                    on_epoch(state, record)
-                append_jsonl(run_dir / "metrics.jsonl", record)
-                save_state(state)
+                record = run_epoch(state, bar, on_epoch)
                 history.update(last=record, best_val_top1=state["best_val"], train_time_s=round(state["elapsed"], 2))
                 write_json(run_dir / "run.json", run_info(state, "running", history))
         except KeyboardInterrupt:
-            state["elapsed"] += time.perf_counter() - t0
-            save_state(state)
-            write_json(run_dir / "run.json", run_info(state, "interrupted", history))
-            raise Interrupted(
-                f"interrupted at step {state['step']}; continue with: pupil train --resume {run_dir}"
-            ) from None
+            interrupted = True
+    if meter is not None:
+        history["energy"] = add_energy(history.get("energy"), meter.result)
+    if interrupted:
+        save_state(state)
+        write_json(run_dir / "run.json", run_info(state, "interrupted", history))
+        raise Interrupted(f"interrupted at step {state['step']}; continue with: pupil train --resume {run_dir}")
     write_json(run_dir / "run.json", run_info(state, "finished", history))
     return load_run(run_dir, device=state["device"])
+
+
+def run_epoch(state: dict[str, Any], bar: Callable[[int, dict], None], on_epoch: Callable | None) -> dict[str, Any]:
+    """Train the rest of the current epoch, validate, log and checkpoint; returns the metrics record."""
+    cfg: Config = state["cfg"]
+    epoch, start = divmod(state["step"], state["steps_per_epoch"])
+    t0 = time.perf_counter()
+    try:
+        stats = train_one_epoch(state, epoch, start, bar)
+    finally:  # on Ctrl-C too, so that the saved state carries the time spent
+        state["elapsed"] += time.perf_counter() - t0
+    last_lr = lr_factor(
+        state["step"] - 1, state["total_steps"], state["warmup_steps"], cfg.optim.sched, cfg.optim.min_lr_ratio
+    )
+    record = {
+        "epoch": epoch + 1,
+        "step": state["step"],
+        **stats,
+        "lr_factor": last_lr,
+        "train_time_s": round(state["elapsed"], 2),
+    }
+    if state["val_ds"] is not None:
+        val = evaluate_deployed(state, state["val_ds"])
+        record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+        state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
+    if on_epoch is not None:
+        on_epoch(state, record)
+    append_jsonl(state["run_dir"] / "metrics.jsonl", record)
+    save_state(state)
+    return record
 
 
 def evaluate_deployed(state: dict[str, Any], ds: ImageDataset) -> dict[str, float]:
@@ -369,8 +414,14 @@ def evaluate_deployed(state: dict[str, Any], ds: ImageDataset) -> dict[str, floa
     model = deployed(state)
     model.tta = state["cfg"].train.tta
     try:
-        return evaluate(model, ds, batch_size=state["cfg"].data.eval_batch_size, device=state["device"],
-                        dtype=state["dtype"], channels_last=state["channels_last"])  # fmt: skip
+        return evaluate(
+            model,
+            ds,
+            batch_size=state["cfg"].data.eval_batch_size,
+            device=state["device"],
+            dtype=state["dtype"],
+            channels_last=state["channels_last"],
+        )
     finally:
         model.tta = False
 
@@ -387,9 +438,14 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TextColumn("eta"), TimeRemainingColumn(), transient=False,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.bar.__enter__()
         s = self.state
         name = s["cfg"].train.name

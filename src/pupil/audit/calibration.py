@@ -1,0 +1,131 @@
+"""Calibration: expected calibration error (15 equal-width bins; Guo et al. 2017) and adaptive ECE
+(equal-mass bins; Nixon et al. 2019), maximum calibration error, Brier score, negative log-likelihood,
+the reliability diagram, and temperature scaling fitted on the validation split with the metrics after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pupil.audit.common import CHECKS, AuditContext, Check, headline
+
+
+def bin_stats(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> dict:
+    """Per-bin count, mean confidence and accuracy. Equal-width bins are [b_i, b_i+1) as torchmetrics uses;
+    adaptive bins hold equal numbers of samples (sorted by confidence)."""
+    conf, correct = conf.double(), correct.double()
+    if adaptive:
+        order = conf.argsort()
+        idx = torch.empty_like(order)
+        idx[order] = torch.arange(len(conf)) * n_bins // len(conf)
+        edges = None
+    else:
+        edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+        idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    sum_conf = torch.bincount(idx, conf, minlength=n_bins)
+    sum_acc = torch.bincount(idx, correct, minlength=n_bins)
+    safe = count.clamp_min(1)
+    return {"count": count, "confidence": sum_conf / safe, "accuracy": sum_acc / safe, "edges": edges}
+
+
+def ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> float:
+    """Sum over bins of |accuracy - confidence| weighted by the bin's share of samples."""
+    s = bin_stats(conf, correct, n_bins, adaptive)
+    return ((s["accuracy"] - s["confidence"]).abs() * s["count"] / s["count"].sum()).sum().item()
+
+
+def mce(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """The largest |accuracy - confidence| over non-empty bins."""
+    s = bin_stats(conf, correct, n_bins)
+    gap = (s["accuracy"] - s["confidence"]).abs()
+    return gap[s["count"] > 0].max().item()
+
+
+def brier(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Multiclass Brier score: mean over samples of the squared distance to the one-hot label (range 0..2)."""
+    onehot = F.one_hot(y, probs.shape[1]).double()
+    return ((probs.double() - onehot) ** 2).sum(1).mean().item()
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, iters: int = 100) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017), by L-BFGS on log T."""
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    logits = logits.double()
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return log_t.exp().item()
+
+
+def summary(logits: torch.Tensor, y: torch.Tensor, n_bins: int) -> dict[str, float]:
+    probs = logits.double().softmax(1)
+    conf, pred = probs.max(1)
+    correct = pred == y
+    return {
+        "ece": ece(conf, correct, n_bins),
+        "adaptive_ece": ece(conf, correct, n_bins, adaptive=True),
+        "mce": mce(conf, correct, n_bins),
+        "brier": brier(probs, y),
+        "nll": F.cross_entropy(logits.double(), y).item(),
+        "mean_confidence": conf.mean().item(),
+        "accuracy": correct.double().mean().item(),
+    }
+
+
+@dataclass
+class CalibrationConfig:
+    n_bins: int = 15
+    """Equal-width (and equal-mass) bins for ECE, MCE and the reliability diagram."""
+    fit_split: str = "val"
+    """Split the temperature is fitted on (never the test split)."""
+
+
+@CHECKS.register("calibration")
+class Calibration(Check):
+    name, title, Config = "calibration", "Calibration", CalibrationConfig
+
+    def run(self, ctx: AuditContext, cfg: CalibrationConfig) -> dict:
+        logits, y = ctx.logits("test"), ctx.targets("test")
+        before = summary(logits, y, cfg.n_bins)
+        out = {"metrics": {"before": before}, "notes": []}
+        s = bin_stats(*_conf_correct(logits, y), cfg.n_bins)
+        curves = {
+            "reliability": {
+                "edges": s["edges"].tolist(),
+                "count": s["count"].tolist(),
+                "confidence": s["confidence"].tolist(),
+                "accuracy": s["accuracy"].tolist(),
+            }
+        }
+        if cfg.fit_split == "test":
+            raise ValueError("temperature must not be fitted on the test split")
+        if ctx.val is not None:
+            t = fit_temperature(ctx.logits(cfg.fit_split), ctx.targets(cfg.fit_split))
+            after = summary(logits / t, y, cfg.n_bins)
+            out["metrics"].update(temperature=t, after=after)
+            s2 = bin_stats(*_conf_correct(logits / t, y), cfg.n_bins)
+            curves["reliability_after"] = {
+                "count": s2["count"].tolist(),
+                "confidence": s2["confidence"].tolist(),
+                "accuracy": s2["accuracy"].tolist(),
+            }
+        else:
+            out["notes"].append("no validation split: temperature scaling was not fitted")
+        out["headline"] = headline("ECE (15 bins)", before["ece"], False, "fraction")
+        out["curves"] = curves
+        return out
+
+
+def _conf_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    conf, pred = logits.double().softmax(1).max(1)
+    return conf, pred == y

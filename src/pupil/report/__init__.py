@@ -1,0 +1,1 @@
+"""The report: results.json schema, HTML report card, model card and leaderboard. Reads files only."""

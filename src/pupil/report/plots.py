@@ -1,0 +1,115 @@
+"""Figures for the report, drawn from results.json curves only; each returns an inline PNG data URI."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+INK, ACCENT, MUTED = "#1f2937", "#2563eb", "#9ca3af"
+
+
+def to_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def reliability(curves: dict[str, Any]) -> str:
+    r = curves["reliability"]
+    n = len(r["count"])
+    centers = [(i + 0.5) / n for i in range(n)]
+    fig, axes = plt.subplots(1, 2 if "reliability_after" in curves else 1, figsize=(8.5, 3.6), squeeze=False)
+    panels = [("before temperature scaling", r)]
+    if "reliability_after" in curves:
+        panels.append(("after temperature scaling", curves["reliability_after"]))
+    for ax, (title, c) in zip(axes[0], panels):
+        acc = [a if k > 0 else 0 for a, k in zip(c["accuracy"], c["count"])]
+        ax.bar(centers, acc, width=1 / n, edgecolor="white", color=ACCENT, label="accuracy")
+        gap = [(conf - a) if k > 0 else 0 for conf, a, k in zip(c["confidence"], c["accuracy"], c["count"])]
+        ax.bar(centers, gap, bottom=acc, width=1 / n, color="#f87171", alpha=0.6, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "--", color=MUTED, lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def confusion(curves: dict[str, Any]) -> str:
+    cm = curves["confusion_matrix"]
+    counts, classes = cm["counts"], cm["classes"]
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.55 * k, 11), min(0.8 + 0.5 * k, 10)))
+    rows = [[v / max(sum(row), 1) for v in row] for row in counts]
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if counts[i][j]:
+                    ax.text(
+                        j,
+                        i,
+                        counts[i][j],
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rows[i][j] > 0.5 else INK,
+                    )
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def per_class_bars(tables: dict[str, Any]) -> str:
+    t = tables["per_class"]
+    names = [r[0] for r in t["rows"]]
+    f1 = [r[4] for r in t["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 0.8))
+    ax.barh(names[::-1], f1[::-1], color=ACCENT)
+    ax.set(xlim=(0, 1), xlabel="F1 per class")
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def latency_hist(curves: dict[str, Any]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.hist(curves["latency_ms"], bins=30, color=ACCENT)
+    ax.set(xlabel="batch-1 latency (ms)", ylabel="runs")
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def pareto(points: list[dict[str, Any]], x: str, y: str, xlabel: str, ylabel: str, x_lower_better: bool = True) -> str:
+    """Scatter of runs with the Pareto front (best y for no worse x) drawn as a step line."""
+    pts = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for p in pts:
+        ax.scatter(p[x], p[y], color=ACCENT if p.get("pareto_" + x) else MUTED, zorder=3)
+        ax.annotate(p["name"], (p[x], p[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = sorted([p for p in pts if p.get("pareto_" + x)], key=lambda p: p[x], reverse=not x_lower_better)
+    if len(front) > 1:
+        ax.step([p[x] for p in front], [p[y] for p in front], where="post", color=ACCENT, lw=1, alpha=0.6)
+    if x in ("latency_ms", "flops"):
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+FIGURES = {
+    "accuracy": [
+        ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
+        ("F1 per class", lambda s: per_class_bars(s["tables"])),
+    ],
+    "calibration": [("Reliability diagram", lambda s: reliability(s["curves"]))],
+    "efficiency": [("Batch-1 latency", lambda s: latency_hist(s["curves"]))],
+}

@@ -1,0 +1,48 @@
+"""The results.json schema (``results.schema.json`` beside this file) and its validation.
+
+Version 1.x: one section per check, each with ``title``, ``config``, ``runtime_s``, ``headline``
+(label, value, direction, unit, optional 95% interval), ``metrics``, ``tables`` (columns + rows),
+``curves`` (the raw data plots are drawn from) and ``notes``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pupil.errors import PupilError
+
+SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate(results: dict[str, Any], source: str = "results") -> None:
+    """Raise PupilError naming the first place where ``results`` breaks the schema."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(results, schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise PupilError(f"{source} does not follow the results schema at {where}: {e.message}") from None
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and validate a results.json (or the one inside a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.exists():
+        raise PupilError(f"{path} does not exist: run `pupil audit` on the run first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PupilError(f"corrupt {path}: {e}") from None
+    validate(results, str(path))
+    return results

@@ -1,0 +1,92 @@
+import json
+import re
+
+import pytest
+
+from pupil.audit import run_audit
+from pupil.cli import main
+from pupil.config import build
+from pupil.errors import PupilError
+from pupil.report.compare import compare
+from pupil.report.render import grade, load_thresholds, render_run
+from pupil.training.loop import fit
+from tests.browser import CHROMIUM, render
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    runs = []
+    for name, model in (("tiny-resnet", "resnet_tiny"), ("tiny-vgg", "vgg_tiny"), ("tiny-lenet", "lenet5_tiny")):
+        cfg = build(ROOT / "recipes/smoke/synthetic.yaml", {"out": str(root), "name": name, "model": model})
+        run = fit(cfg, progress=False).dir
+        run_audit(run, ["accuracy", "calibration", "efficiency"], device="cpu")
+        runs.append(run)
+    return runs
+
+
+def test_report_and_model_card_render_every_section(audited):
+    html, card = render_run(audited[0])
+    text = html.read_text()
+    for section in ("summary", "accuracy", "calibration", "efficiency"):
+        assert f'id="{section}"' in text
+    assert "http://" not in text and "https://" not in text  # self-contained: no network
+    assert text.count("data:image/png;base64,") >= 4
+    md = card.read_text()
+    for heading in ("Model details", "Intended use", "Training data", "Evaluation data", "Metrics",
+                    "Ethical considerations", "Caveats and recommendations"):  # fmt: skip
+        assert f"## {heading}" in md
+    assert re.search(r"\| Accuracy \| top-1 accuracy \| [\d.]+% \| [\d.]+% – [\d.]+% \|", md)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_report_renders_in_headless_chromium(audited, tmp_path):
+    html, _ = render_run(audited[0])
+    shot = tmp_path / "report.png"
+    out = render(html, shot)
+    assert out["rendered"] == "sections=3 images=4 broken=0", out["rendered"]
+    assert not out["console"], out["console"]
+    assert shot.stat().st_size > 20_000
+
+
+def test_thresholds_grade_in_the_right_direction(tmp_path):
+    limits = load_thresholds(None)
+    assert grade({"value": 0.95, "higher_is_better": True}, limits["accuracy"]) == "good"
+    assert grade({"value": 0.85, "higher_is_better": True}, limits["accuracy"]) == "fair"
+    assert grade({"value": 0.10, "higher_is_better": False}, limits["calibration"]) == "poor"
+    bad = tmp_path / "t.yaml"
+    bad.write_text("accuracy: {good: 0.9}\n")
+    with pytest.raises(PupilError, match="needs good and fair"):
+        load_thresholds(bad)
+
+
+def test_compare_ranks_runs_and_flags_mismatched_settings(audited, tmp_path):
+    board = compare(audited, tmp_path / "cmp")
+    assert [r["top1"] for r in board["runs"]] == sorted((r["top1"] for r in board["runs"]), reverse=True)
+    assert board["mismatched_settings"] == {}
+    assert any(r["pareto_latency_ms"] for r in board["runs"])
+    # Re-audit one run with the full budget: compare must flag it instead of mixing silently.
+    run_audit(audited[2], ["accuracy", "calibration", "efficiency"], budget="full", device="cpu")
+    board = compare(audited, tmp_path / "cmp2")
+    assert board["mismatched_settings"] == {"budget": ["full", "quick"]}
+    html = (tmp_path / "cmp2" / "compare.html").read_text()
+    assert 'id="mismatch"' in html and html.count("data:image/png;base64,") == 3
+    with pytest.raises(PupilError, match="at least two"):
+        compare(audited[:1], tmp_path / "x")
+
+
+def test_cli_audit_report_compare(audited, tmp_path, capsys):
+    run = audited[1]
+    assert main(["audit", str(run), "--checks", "accuracy,calibration", "--device", "cpu", "--set",
+                 "accuracy.n_bootstrap=200"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "report card" in out and "report.html" in out
+    assert json.loads((run / "results.json").read_text())["checks"]["accuracy"]["config"]["n_bootstrap"] == 200
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report.html").exists()
+    assert main(["compare", *map(str, audited), "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "leaderboard.json").exists()
+    assert main(["audit", str(run), "--checks", "nope"]) == 2
+    assert "unknown check 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
