@@ -4,6 +4,7 @@
 run: setup
 	.venv/bin/pupil train recipes/fmnist_fast.yaml --overwrite
 	.venv/bin/pupil eval runs/fmnist_fast --split test
+	.venv/bin/pupil audit runs/fmnist_fast
 
 test: setup lint
 	.venv/bin/python -m pytest -q

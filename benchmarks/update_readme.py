@@ -32,7 +32,25 @@ def train_fmnist(data: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"train_fmnist": train_fmnist}
+def audit_core(data: dict) -> str:
+    med = data["median_s"]
+    lines = [
+        f"`pupil audit --checks {','.join(data['checks'])}` on the {data['n_test']:,}-image test split, "
+        f"{data['threads']} threads, median of {len(data['seconds']['pupil audit'])} alternating runs:",
+        "",
+        "| side | median wall time | runs |",
+        "| --- | ---: | --- |",
+    ]
+    for side, runs in data["seconds"].items():
+        lines.append(f"| {side} | {med[side]:.2f} s | {', '.join(f'{x:.2f}' for x in runs)} |")
+    lines += ["", f"Ratio ours / reference: **{data['ratio_ours_over_reference']:.2f}**. Agreement:", ""]
+    lines += ["| figure | pupil | torchmetrics script |", "| --- | ---: | ---: |"]
+    for k, (a, b) in data["agreement_ours_vs_reference"].items():
+        lines.append(f"| {k} | {a:.5f} | {b:.5f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"train_fmnist": train_fmnist, "audit_core": audit_core}
 
 
 def main() -> None:

@@ -15,12 +15,19 @@ if [ ! -f "$FMNIST" ]; then
   fi
 fi
 
+# Headless Chromium renders the HTML report in the report tests.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium (Debian) for the report tests"
+  apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
 PY=.venv/bin/python
-if ! $PY -c "import torch, torchvision" 2>/dev/null; then
+# find_spec looks the packages up without importing torch (which takes seconds).
+if ! $PY -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('torchvision')))"; then
   echo "setup: installing torch 2.14.1 and torchvision 0.29.1"
   $PY -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
