@@ -60,3 +60,19 @@ def test_bad_input_is_one_line_and_nonzero(argv, message, capsys, tmp_path):
 def test_console_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "pupil", "models", "--family", "lenet"], capture_output=True, text=True)
     assert res.returncode == 0 and "lenet5" in res.stdout
+
+
+def test_predict_prints_top_labels_for_image_files(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    recipe = str(ROOT / "recipes/smoke/synthetic.yaml")
+    assert main(["train", recipe, "--out", str(tmp_path), "--epochs", "1", "--no-progress"]) == 0
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8), "RGB").save(img)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "synthetic"), str(img), "--top", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("x.png") and len(lines) == 3 and lines[1].strip().startswith("class")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert main(["predict", str(tmp_path / "synthetic"), str(tmp_path / "bad.png")]) == 2

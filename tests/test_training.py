@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import pupil
@@ -115,3 +116,38 @@ def test_training_steps_never_run_with_tta(tmp_path, smoke_recipe):
 
     run = fit(smoke(tmp_path, smoke_recipe, "t", tta=True, epochs=2.0), progress=False, on_step=spy)
     assert seen and not any(seen) and run.model.tta
+
+
+@pytest.mark.parametrize("kind,student", [("soft", "resnet_tiny"), ("hard", "deit_tiny")])
+def test_distillation_from_a_teacher_run(tmp_path, smoke_recipe, kind, student):
+    teacher = fit(smoke(tmp_path, smoke_recipe, "teacher", epochs=1.0), progress=False)
+    cfg = smoke(tmp_path, smoke_recipe, "student", task="distill", teacher=str(teacher.dir), distill_kind=kind,
+                model=student, epochs=1.0)  # fmt: skip
+    run = fit(cfg, progress=False)
+    assert run.info["config"]["train"]["teacher"] == str(teacher.dir)
+
+
+def test_distillation_task_losses_match_their_definitions():
+    from pupil.models import PixelModel
+    from pupil.training.tasks import DistillationTask
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    teacher = PixelModel(lin, [0.0], [1.0])
+    student_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    student = PixelModel(student_net, [0.0], [1.0])
+    x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    task = DistillationTask(teacher, "soft", alpha=1.0, tau=2.0)
+    s, t = student(x), teacher(x)
+    p_t = (t / 2).softmax(1)
+    expected = (p_t * (p_t.log() - (s / 2).log_softmax(1))).sum(1).mean() * 4
+    assert task(student, x, y)["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    hard = DistillationTask(teacher, "hard", alpha=1.0)
+    assert hard(student, x, y)["loss"].item() == pytest.approx(F.cross_entropy(s, t.argmax(1)).item(), rel=1e-5)
+    with pytest.raises(PupilError, match="unknown distillation kind"):
+        DistillationTask(teacher, "warm")
+
+
+def test_distill_without_teacher_is_a_clear_error(tmp_path, smoke_recipe):
+    with pytest.raises(PupilError, match="needs --teacher"):
+        fit(smoke(tmp_path, smoke_recipe, "nt", task="distill"), progress=False)

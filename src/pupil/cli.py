@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import torch
 import typer
 import yaml
 from rich.console import Console
@@ -73,6 +74,31 @@ def eval_cmd(
     console.print(f"wrote {path}")
 
 
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top: Annotated[int, typer.Option(help="How many labels to print per image.")] = 5,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Top-k labels with probabilities for image files, resized and converted to the run's input."""
+    from pupil.data.datasets import read_images
+    from pupil.run import load_run
+    from pupil.training.loop import resolve_device
+
+    r = load_run(run, device=resolve_device(device))
+    c, h, _ = r.info["data"]["input_shape"]
+    x, _ = read_images(images, img_size=h, mode="L" if c == 1 else "RGB")
+    with torch.inference_mode():
+        probs = r.model(x.float().div(255).to(next(r.model.parameters()).device)).softmax(1).cpu()
+    k = min(top, probs.shape[1])
+    for path, p in zip(images, probs):
+        values, idx = p.topk(k)
+        console.print(f"[bold]{path}[/]")
+        for v, i in zip(values.tolist(), idx.tolist()):
+            console.print(f"  {r.classes[i]:<24s} {v:7.2%}")
+
+
 @app.command("models")
 def models_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset whose input shape and classes are used for FLOPs.")] = "",
@@ -92,7 +118,7 @@ def models_cmd(
         ds = load(dataset, "test")
         (in_chans, img_size, _), num_classes = ds.shape, len(ds.classes)
     rows = []
-    for e in MODELS:
+    for e in sorted(MODELS, key=lambda e: (e.meta["year"], e.meta["family"], e.meta.get("tiny", False))):
         if family and e.meta["family"].lower() != family.lower():
             continue
         net = create(e.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)

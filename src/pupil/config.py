@@ -113,7 +113,15 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, split, order and augmentation."""
     task: str = "classification"
-    """Training task (method): classification."""
+    """Training task (method): classification or distill."""
+    teacher: str | None = None
+    """Distillation: the teacher's run directory."""
+    distill_kind: str = "soft"
+    """Distillation: soft (KL at temperature distill_tau) or hard (teacher's argmax)."""
+    distill_alpha: float = 0.5
+    """Distillation: weight of the teacher's loss against the label loss."""
+    distill_tau: float = 3.0
+    """Distillation: softmax temperature for soft distillation."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     precision: str = "auto"

@@ -42,6 +42,19 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         f.write(json.dumps(obj, default=_jsonable) + "\n")
 
 
+def read_json(path: str | Path, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises PupilError with ``missing``, a corrupt one names the file."""
+    from pupil.errors import PupilError
+
+    path = Path(path)
+    if not path.exists():
+        raise PupilError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PupilError(f"corrupt {path}: {e}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text().splitlines():

@@ -6,7 +6,6 @@ the registry with the keyword arguments recorded in ``run.json``.
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from pupil.errors import PupilError
+from pupil.io import read_json
 
 REQUIRED_INFO = ("model", "data", "config", "status")
 
@@ -61,12 +61,7 @@ def read_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run.json"
     if not run_dir.is_dir():
         raise PupilError(f"run directory {run_dir} does not exist")
-    if not path.exists():
-        raise PupilError(f"{run_dir} is not a run directory: run.json is missing")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PupilError(f"corrupt {path}: {e}") from None
+    info = read_json(path, f"{run_dir} is not a run directory: run.json is missing")
     if not isinstance(info, dict) or (missing := [k for k in REQUIRED_INFO if k not in info]):
         raise PupilError(f"corrupt {path}: missing {', '.join(missing) if isinstance(info, dict) else 'everything'}")
     return info

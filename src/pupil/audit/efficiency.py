@@ -5,6 +5,7 @@ used. Figures are for the deployed model, flip TTA included when the run uses it
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ def peak_memory_bytes(fn, device: torch.device) -> tuple[int, str]:
         base = torch.cuda.memory_allocated(device)
         fn()
         return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
+    # Kineto logs profiler stages and a "gpuGetDeviceCount failed" line on CPU-only machines; 6 silences it.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

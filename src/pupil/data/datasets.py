@@ -271,8 +271,10 @@ def synthetic(
 # The user's own images
 
 
-def read_images(paths: list[Path], img_size: int | None = None) -> tuple[torch.Tensor, dict[str, int]]:
-    """Decode images into one uint8 tensor, converting mixed modes and sizes to the majority.
+def read_images(
+    paths: list[Path], img_size: int | None = None, mode: str | None = None
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Decode images into one uint8 tensor, converting mixed modes and sizes to the majority (or to ``mode``).
 
     Returns the tensor and a count of what was converted. An unreadable file raises naming it.
     """
@@ -287,7 +289,7 @@ def read_images(paths: list[Path], img_size: int | None = None) -> tuple[torch.T
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise PupilError(f"cannot read image {p}: {e}") from None
     modes = Counter("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB" for im in pics)
-    mode = modes.most_common(1)[0][0]
+    mode = mode or modes.most_common(1)[0][0]
     if img_size:
         size = (img_size, img_size)
     else:
@@ -296,7 +298,7 @@ def read_images(paths: list[Path], img_size: int | None = None) -> tuple[torch.T
     arrays = []
     for im in pics:
         if im.mode != mode:
-            conv["converted_mode"] += 1 if (im.mode in ("L", "RGB") or mode == "RGB") else 0
+            conv["converted_mode"] += 1
             im = im.convert(mode)
         if im.size != size:
             conv["resized"] += 1

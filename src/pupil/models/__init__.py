@@ -3,7 +3,21 @@
 Families register themselves when imported; the imports below are the complete list.
 """
 
-from pupil.models import lenet, resnet, vgg, vit  # noqa: F401  (registers the families)
+from pupil.models import (  # noqa: F401  (registers the families)
+    alexnet,
+    coatnet,
+    convnext,
+    densenet,
+    efficientnet,
+    googlenet,
+    lenet,
+    mobilenet,
+    resnet,
+    shufflenet,
+    swin,
+    vgg,
+    vit,
+)
 from pupil.models.contract import PixelModel, check_contract, gradcam_module
 from pupil.models.registry import MODELS, create
 

@@ -54,6 +54,29 @@ class Bottleneck(BasicBlock):
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, relu=False)
 
 
+class ResNeXtBottleneck(BasicBlock):
+    """Bottleneck whose 3x3 convolution is split into ``cardinality`` groups (Xie et al. 2017, Fig. 3c).
+
+    Inner width = planes * base_width / 64 * cardinality, as in the paper's template.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self, cin: int, width: int, stride: int = 1, drop_path: float = 0.0, cardinality: int = 8, base_width: int = 64
+    ):
+        super().__init__(cin, width, stride, drop_path)
+        inner = int(width * base_width / 64) * cardinality
+        cout = width * self.expansion
+        grouped = nn.Sequential(
+            nn.Conv2d(inner, inner, 3, stride, 1, groups=cardinality, bias=False),
+            nn.BatchNorm2d(inner),
+            nn.ReLU(inplace=True),
+        )
+        self.branch = nn.Sequential(conv_bn(cin, inner, 1), grouped, conv_bn(inner, cout, 1, relu=False))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, relu=False)
+
+
 class ResNet(ClassifierBase):
     def __init__(
         self,
@@ -64,12 +87,15 @@ class ResNet(ClassifierBase):
         widths: tuple[int, ...] = (16, 32, 64),
         stem_width: int | None = None,
         block: str = "basic",
+        cardinality: int = 1,
+        base_width: int = 64,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         **_,
     ):
         super().__init__()
-        block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck, "resnext": ResNeXtBottleneck}[block]
+        extra = {"cardinality": cardinality, "base_width": base_width} if block == "resnext" else {}
         stem_width = stem_width or widths[0]
         self.stem = conv_bn(in_chans, stem_width, 3)
         # Stochastic depth grows linearly with block index (Huang et al. 2016).
@@ -78,7 +104,7 @@ class ResNet(ClassifierBase):
         for s, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             blocks = []
             for d in range(depth):
-                blocks.append(block_cls(cin, width, 2 if (d == 0 and s > 0) else 1, rates[i]))
+                blocks.append(block_cls(cin, width, 2 if (d == 0 and s > 0) else 1, rates[i], **extra))
                 cin, i = width * block_cls.expansion, i + 1
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -102,4 +128,18 @@ SIZES = {
 for _name, _cfg in SIZES.items():
     MODELS.register(
         _name, family="ResNet", paper="He et al., CVPR", year=2016, tiny=_name.endswith("tiny"), defaults=_cfg
+    )(ResNet)
+
+# ResNeXt (Xie, Girshick, Dollar, Tu & He, "Aggregated Residual Transformations for Deep Neural Networks",
+# CVPR 2017): the same network with grouped-convolution bottlenecks; "29" is the paper's CIFAR depth
+# (3 stages x 3 blocks x 3 layers + 2), "4x32d" is cardinality x bottleneck width.
+RESNEXT_SIZES = {
+    "resnext29_4x32d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=4, base_width=32),
+    "resnext29_8x16d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=8, base_width=16),
+    "resnext_tiny": dict(depths=(1, 1, 1), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=16),
+}
+
+for _name, _cfg in RESNEXT_SIZES.items():
+    MODELS.register(
+        _name, family="ResNeXt", paper="Xie et al., CVPR", year=2017, tiny=_name.endswith("tiny"), defaults=_cfg
     )(ResNet)

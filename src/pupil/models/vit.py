@@ -31,25 +31,32 @@ class ViT(ClassifierBase):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        distilled: bool = False,
         **_,
     ):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         side = img_size // patch_size
-        self.feature_grid, self.num_prefix_tokens = (side, side), 1
+        self.distilled = distilled
+        self.feature_grid, self.num_prefix_tokens = (side, side), 2 if distilled else 1
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + side * side, dim))
+        # DeiT's distillation token learns from the teacher's predictions through its own head.
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + side * side, dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True, drop_path=r) for r in rates])
         self.norm = nn.LayerNorm(dim)
         self.num_features, self.num_classes, self.drop_rate = dim, num_classes, drop_rate
         self.head = nn.Linear(dim, num_classes)
+        self.head_dist = nn.Linear(dim, num_classes) if distilled else None
         # Grad-CAM on the tokens entering the last block's attention; reshaped with feature_grid.
         self.gradcam_layer = f"blocks.{depth - 1}.norm1"
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        if distilled:
+            trunc_normal_(self.dist_token, std=0.02)
         self.apply(self._init)
 
     @staticmethod
@@ -61,11 +68,34 @@ class ViT(ClassifierBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-        return self.norm(self.blocks(x))  # (B, 1 + tokens, dim)
+        prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], 1) + self.pos_embed
+        return self.norm(self.blocks(x))  # (B, prefix + tokens, dim)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0]  # the class token
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.distilled:
+            return super().forward_head(x, pre_logits)
+        # DeiT at inference averages the class-token and distillation-token heads (Touvron et al. 2021, Sec. 5).
+        if pre_logits:
+            return (x[:, 0] + x[:, 1]) / 2
+        cls_logits, dist_logits = self.forward_distill_heads(x)
+        return (cls_logits + dist_logits) / 2
+
+    def forward_distill_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class-token logits, distillation-token logits) from forward_features' output; DeiT only."""
+        cls, dist = x[:, 0], x[:, 1]
+        if self.drop_rate:
+            cls = nn.functional.dropout(cls, self.drop_rate, self.training)
+            dist = nn.functional.dropout(dist, self.drop_rate, self.training)
+        return self.head(cls), self.head_dist(dist)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        if self.distilled:
+            self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 SIZES = {
@@ -78,4 +108,16 @@ SIZES = {
 for _name, _cfg in SIZES.items():
     MODELS.register(
         _name, family="ViT", paper="Dosovitskiy et al., ICLR", year=2021, tiny=_name == "vit_tiny", defaults=_cfg
+    )(ViT)
+
+# DeiT (Touvron, Cord, Douze, Massa, Sablayrolles & Jegou, "Training data-efficient image transformers &
+# distillation through attention", ICML 2021): the same ViT with a distillation token and a second head.
+DEIT_SIZES = {
+    "deit_mini_p4": dict(patch_size=4, dim=128, depth=6, heads=4, distilled=True),
+    "deit_tiny": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, distilled=True),
+}
+
+for _name, _cfg in DEIT_SIZES.items():
+    MODELS.register(
+        _name, family="DeiT", paper="Touvron et al., ICML", year=2021, tiny=_name == "deit_tiny", defaults=_cfg
     )(ViT)

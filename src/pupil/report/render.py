@@ -6,14 +6,13 @@ Nothing in training or audit code formats HTML.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pupil.errors import PupilError
-from pupil.io import write_text
+from pupil.io import read_json, write_text
 from pupil.report.schema import load_results
 
 HERE = Path(__file__).parent
@@ -216,12 +215,10 @@ def render_run(run_dir: str | Path, thresholds: str | Path | None = None) -> tup
     """Write report.html and model_card.md beside results.json; returns their paths."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    info = None
-    if (run_dir / "run.json").exists():
-        try:
-            info = json.loads((run_dir / "run.json").read_text())
-        except json.JSONDecodeError:
-            info = None
+    try:
+        info = read_json(run_dir / "run.json", "")
+    except PupilError:  # the card is still written from results.json alone
+        info = None
     html = write_text(run_dir / "report.html", render_html(results, load_thresholds(thresholds)))
     card = write_text(run_dir / "model_card.md", model_card(results, info))
     return html, card

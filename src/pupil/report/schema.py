@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pupil.errors import PupilError
+from pupil.io import read_json
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 
@@ -38,11 +39,6 @@ def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    if not path.exists():
-        raise PupilError(f"{path} does not exist: run `pupil audit` on the run first")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PupilError(f"corrupt {path}: {e}") from None
+    results = read_json(path, f"{path} does not exist: run `pupil audit` on the run first")
     validate(results, str(path))
     return results

@@ -232,7 +232,7 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "model": model,
         "ema": ema,
         "mixup": mixup,
-        "task": TASKS.get(cfg.train.task)(cfg.optim.label_smoothing),
+        "task": TASKS.get(cfg.train.task).from_config(cfg, device, classes=train_ds.classes, shape=train_ds.shape),
         "opt": create_optimizer(model, cfg.optim),
         "augment": BatchAugment(aug),
         "channels_last": channels_last,
