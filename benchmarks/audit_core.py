@@ -78,7 +78,7 @@ def reference(run_dir: Path, n_boot: int, eff: EfficiencyConfig) -> dict:
     )
     out["brier"] = ((probs - F.one_hot(y, k)) ** 2).sum(1).mean().item()
     out["nll"] = F.cross_entropy(logits, y).item()
-    val_logits = predict_logits(model, ctx.val, 1024, ctx.device, ctx.dtype, ctx.channels_last)
+    val_logits = predict_logits(model, ctx.val, 1024, ctx.device, ctx.dtype, ctx.channels_last).clone()
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
