@@ -14,4 +14,4 @@ shot() {
 }
 mkdir -p docs
 shot "${1:-runs/fmnist_fast/report.html}" docs/report.png 3600
-shot "${2:-compare/compare.html}" docs/compare.png 1100
+shot "${2:-compare/compare.html}" docs/compare.png 1560

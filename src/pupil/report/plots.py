@@ -30,10 +30,26 @@ def reliability(curves: dict[str, Any]) -> str:
     if "reliability_after" in curves:
         panels.append(("after temperature scaling", curves["reliability_after"]))
     for ax, (title, c) in zip(axes[0], panels):
-        acc = [a if k > 0 else 0 for a, k in zip(c["accuracy"], c["count"])]
-        ax.bar(centers, acc, width=1 / n, edgecolor="white", color=ACCENT, label="accuracy")
-        gap = [(conf - a) if k > 0 else 0 for conf, a, k in zip(c["confidence"], c["accuracy"], c["count"])]
-        ax.bar(centers, gap, bottom=acc, width=1 / n, color="#f87171", alpha=0.6, label="gap to confidence")
+        filled = [i for i, k in enumerate(c["count"]) if k > 0]
+        ax.bar(
+            [centers[i] for i in filled],
+            [c["accuracy"][i] for i in filled],
+            width=1 / n,
+            edgecolor="white",
+            color=ACCENT,
+            label="accuracy in bin",
+        )
+        # Mean confidence per bin as a red tick: above the bar = over-confident, below = under-confident.
+        ax.scatter(
+            [centers[i] for i in filled],
+            [c["confidence"][i] for i in filled],
+            marker="_",
+            s=180,
+            color="#dc2626",
+            linewidths=2.5,
+            zorder=3,
+            label="mean confidence in bin",
+        )
         ax.plot([0, 1], [0, 1], "--", color=MUTED, lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
         ax.legend(loc="upper left", fontsize=8, frameon=False)
@@ -98,7 +114,10 @@ def pareto(points: list[dict[str, Any]], x: str, y: str, xlabel: str, ylabel: st
     if len(front) > 1:
         ax.step([p[x] for p in front], [p[y] for p in front], where="post", color=ACCENT, lw=1, alpha=0.6)
     if x in ("latency_ms", "flops"):
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short log ranges
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
