@@ -24,7 +24,7 @@ import torch
 from timm.layers import DropPath, LayerNorm2d, Mlp, SEModule, trunc_normal_
 from torch import nn
 
-from pupil.models.contract import ClassifierBase
+from pupil.models.contract import ClassifierBase, init_trunc_normal
 from pupil.models.registry import MODELS
 
 
@@ -174,14 +174,7 @@ class CoAtNet(ClassifierBase):
         self.num_features, self.num_classes, self.drop_rate = cin, num_classes, drop_rate
         self.head = nn.Linear(cin, num_classes)
         self.gradcam_layer = "norm"  # the final map (B, C, 4, 4) for 28x28 and 32x32 inputs
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # The attention stages' bias tables are sized by the grids that img_size gives.

@@ -42,6 +42,17 @@ class ClassifierBase(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
+def init_trunc_normal(m: nn.Module) -> None:
+    """Transformer initialisation (ViT, DeiT, Swin, CoAtNet): linear weights ~ N(0, 0.02^2) cut at +-2, zero biases.
+
+    Use as ``self.apply(init_trunc_normal)``.
+    """
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def gradcam_module(model: nn.Module) -> nn.Module:
     """The module named by the model's ``gradcam_layer``."""
     return model.get_submodule(model.gradcam_layer)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from pupil.models.contract import ClassifierBase
+from pupil.models.contract import ClassifierBase, init_trunc_normal
 from pupil.models.registry import MODELS
 
 
@@ -205,14 +205,7 @@ class Swin(ClassifierBase):
         self.head = nn.Linear(dim, num_classes)
         # Grad-CAM on the final normalised tokens (B, h*w, C), reshaped with feature_grid as for ViT.
         self.gradcam_layer = "norm"
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # Every block's grid, padding and mask are fixed by img_size, as the official code fixes input_resolution.

@@ -14,7 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pupil.models.contract import ClassifierBase
+from pupil.models.contract import ClassifierBase, init_trunc_normal
 from pupil.models.registry import MODELS
 
 
@@ -57,14 +57,7 @@ class ViT(ClassifierBase):
         trunc_normal_(self.cls_token, std=0.02)
         if distilled:
             trunc_normal_(self.dist_token, std=0.02)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_trunc_normal)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
