@@ -76,27 +76,36 @@ def eval_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[
+        str, typer.Argument(help="Run directory, or efficientnet_lite0.imagenet (weights shipped offline).")
+    ],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top: Annotated[int, typer.Option(help="How many labels to print per image.")] = 5,
     device: DeviceOpt = "auto",
 ) -> None:
     """Top-k labels with probabilities for image files, resized and converted to the run's input."""
     from pupil.data.datasets import read_images
+    from pupil.models.pretrained import PRETRAINED
     from pupil.run import load_run
     from pupil.training.loop import resolve_device
 
-    r = load_run(run, device=resolve_device(device))
-    c, h, _ = r.info["data"]["input_shape"]
+    dev = resolve_device(device)
+    if run in PRETRAINED:
+        model, classes, h = PRETRAINED[run]()
+        model, c = model.to(dev), 3
+    else:
+        r = load_run(run, device=dev)
+        model, classes = r.model, r.classes
+        c, h, _ = r.info["data"]["input_shape"]
     x, _ = read_images(images, img_size=h, mode="L" if c == 1 else "RGB")
     with torch.inference_mode():
-        probs = r.model(x.float().div(255).to(next(r.model.parameters()).device)).softmax(1).cpu()
+        probs = model(x.float().div(255).to(dev)).softmax(1).cpu()
     k = min(top, probs.shape[1])
     for path, p in zip(images, probs):
         values, idx = p.topk(k)
         console.print(f"[bold]{path}[/]")
         for v, i in zip(values.tolist(), idx.tolist()):
-            console.print(f"  {r.classes[i]:<24s} {v:7.2%}")
+            console.print(f"  {classes[i]:<24s} {v:7.2%}")
 
 
 @app.command("models")
