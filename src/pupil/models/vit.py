@@ -107,6 +107,7 @@ for _name, _cfg in SIZES.items():
 # distillation through attention", ICML 2021): the same ViT with a distillation token and a second head.
 DEIT_SIZES = {
     "deit_mini_p4": dict(patch_size=4, dim=128, depth=6, heads=4, distilled=True),
+    "deit_mini_p7": dict(patch_size=7, dim=128, depth=6, heads=4, distilled=True),
     "deit_tiny": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, distilled=True),
 }
 
