@@ -132,6 +132,8 @@ class TrainConfig:
     """CPU threads for PyTorch (0: one per core)."""
     tta: bool = True
     """Evaluate (and deploy) with horizontal-flip test-time augmentation."""
+    max_minutes: float = 0.0
+    """Wall-clock training budget in minutes (0: none); the schedule is fitted to it from the first steps' speed."""
     track_energy: bool = True
     """Estimate training energy and CO2-eq with codecarbon (recorded in run.json)."""
     energy_country: str = "USA"

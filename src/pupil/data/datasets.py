@@ -252,9 +252,17 @@ def sklearn_digits(split: str, **_: Any) -> ImageDataset:
 
 @DATASETS.register("synthetic", source="generated: one oriented pattern per class plus noise", shape=(1, 28, 28))
 def synthetic(
-    split: str, num_classes: int = 4, size: int = 16, channels: int = 1, n: int = 512, seed: int = 0, **_: Any
+    split: str,
+    num_classes: int = 4,
+    size: int = 16,
+    channels: int = 1,
+    n: int = 512,
+    seed: int = 0,
+    img_size: int | None = None,
+    **_: Any,
 ) -> ImageDataset:
     """A learnable toy set for tests: class k is a sinusoidal grating at angle k*pi/K, with noise and jitter."""
+    size = img_size or size
     g = torch.Generator().manual_seed({"train": 1, "test": 2, "all": 3}[split] + 1000 * seed)
     y = torch.arange(n) % num_classes
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")

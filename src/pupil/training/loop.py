@@ -172,12 +172,28 @@ def train_one_epoch(
         loss_sum += out["loss"].detach() * len(idx)
         correct += (out["logits"].detach().argmax(1) == hard_y).sum()
         seen += len(idx)
+        if cfg.train.max_minutes and state["step"] == BUDGET_PROBE_STEPS and not state["budget_fitted"]:
+            fit_budget(state, state["elapsed"] + time.perf_counter() - t0)
         if state["on_step"] is not None:
             state["on_step"](state)
         if i % 10 == 0 or i == spe - 1:
             rate = seen / (time.perf_counter() - t0)
             bar(state["step"], {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "img/s": rate})
     return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1), "seen": seen}
+
+
+BUDGET_PROBE_STEPS = 20
+
+
+def fit_budget(state: dict[str, Any], seconds: float) -> None:
+    """Shrink the run to the steps that fit ``max_minutes`` at the speed of its first steps, so that the
+    learning-rate schedule still ends at its minimum when the time is up (used to compare models under one
+    wall-clock budget). The first steps include warm-up costs, so the estimate errs on the short side."""
+    per_step = seconds / BUDGET_PROBE_STEPS
+    fits = int(state["cfg"].train.max_minutes * 60 / per_step)
+    state["total_steps"] = max(BUDGET_PROBE_STEPS + 1, min(state["total_steps"], fits))
+    state["warmup_steps"] = min(state["warmup_steps"], state["total_steps"] // 5)
+    state["budget_fitted"] = True
 
 
 def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -245,6 +261,7 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "elapsed": 0.0,
         "on_step": None,
         "best_val": None,
+        "budget_fitted": False,
     }
 
 
@@ -258,6 +275,9 @@ def save_state(state: dict[str, Any]) -> None:
         "step": state["step"],
         "elapsed": state["elapsed"],
         "best_val": state["best_val"],
+        "total_steps": state["total_steps"],
+        "warmup_steps": state["warmup_steps"],
+        "budget_fitted": state["budget_fitted"],
         "model": state["model"].state_dict(),
         "opt": state["opt"].state_dict(),
         "ema": state["ema"].state_dict() if state["ema"] is not None else None,
@@ -276,7 +296,8 @@ def restore_state(state: dict[str, Any]) -> None:
         state["ema"].load_state_dict(ckpt["ema"])
     state["gen"].set_state(ckpt["gen"])
     set_rng_state(ckpt["rng"])
-    state["step"], state["elapsed"], state["best_val"] = ckpt["step"], ckpt["elapsed"], ckpt["best_val"]
+    for key in ("step", "elapsed", "best_val", "total_steps", "warmup_steps", "budget_fitted"):
+        state[key] = ckpt[key]
 
 
 def run_info(state: dict[str, Any], status: str, summary: dict[str, Any]) -> dict[str, Any]:
@@ -361,7 +382,12 @@ def fit(
         try:
             while state["step"] < state["total_steps"]:
                 record = run_epoch(state, bar, on_epoch)
-                history.update(last=record, best_val_top1=state["best_val"], train_time_s=round(state["elapsed"], 2))
+                history.update(
+                    last=record,
+                    best_val_top1=state["best_val"],
+                    train_time_s=round(state["elapsed"], 2),
+                    total_steps=state["total_steps"],
+                )
                 write_json(run_dir / "run.json", run_info(state, "running", history))
         except KeyboardInterrupt:
             interrupted = True
@@ -454,7 +480,7 @@ class _progress:
         def update(step: int, stats: dict) -> None:
             epoch = (step - 1) // s["steps_per_epoch"] + 1
             text = f"epoch {epoch} loss {stats['loss']:.3f} acc {stats['acc']:.3f} {stats['img/s']:.0f} img/s"
-            self.bar.update(self.task, completed=step, stats=text)
+            self.bar.update(self.task, completed=step, total=s["total_steps"], stats=text)  # a budget may shrink it
 
         return update
 
