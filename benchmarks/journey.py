@@ -132,6 +132,8 @@ def main() -> None:
             name = pick[0].name if args.smoke else REPRESENTATIVE[family]
             rows.append(one(family, name, MODELS.entry(name).meta["year"], args, out))
             r = rows[-1]
+            if not args.smoke:  # written after every family, so an interrupted run keeps what it measured
+                write_json(args.out, report(rows, args, threads, complete=len(rows) == len(families)))
             print(
                 f"{r['family']:13s} {r['model']:18s} {r['year']} {r['params']:>10,} {r['flops']:>13,} "
                 f"top-1 {r['test_top1']:.4f} {r['train_img_s']:7.0f} img/s train {r['latency_ms_b1']:6.2f} ms "
@@ -139,10 +141,18 @@ def main() -> None:
                 flush=True,
             )
     if not args.smoke:
-        report = {"benchmark": "journey", "minutes_per_model": args.minutes, "threads": threads, "rows": rows}
-        write_json(args.out, report)
         plot(rows, args.out.with_suffix(".png"))
         print(f"wrote {args.out}")
+
+
+def report(rows: list[dict], args: argparse.Namespace, threads: int, complete: bool) -> dict:
+    return {
+        "benchmark": "journey",
+        "minutes_per_model": args.minutes,
+        "threads": threads,
+        "complete": complete,
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -50,7 +50,38 @@ def audit_core(data: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"train_fmnist": train_fmnist, "audit_core": audit_core}
+def journey(data: dict) -> str:
+    lines = [
+        f"Each family's representative size trained on Fashion-MNIST for {data['minutes_per_model']:g} minutes of "
+        f"training ({data['threads']} CPU threads, fp32){'' if data['complete'] else ' — INCOMPLETE run'}; "
+        "latency and throughput measured after training on the same machine.",
+        "",
+        "| family | year | model | params | FLOPs | test top-1 | train img/s | latency b=1 | img/s b=256 |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['family']} | {r['year']} | `{r['model']}` | {r['params'] / 1e6:.2f} M | {r['flops'] / 1e6:.1f} M "
+            f"| {r['test_top1'] * 100:.2f}% | {r['train_img_s']:.0f} | {r['latency_ms_b1']:.2f} ms "
+            f"| {r['throughput_b256']:.0f} |"
+        )
+    return "\n".join(lines) + "\n\n![journey](benchmarks/results/journey.png)"
+
+
+def distill_fmnist(data: dict) -> str:
+    lines = [
+        f"Teacher `{data['teacher']}` (test top-1 {data['teacher_test_top1'] * 100:.2f}%); every student trained "
+        f"{data['epochs']:g} epochs with the same optimiser settings ({data['threads']} threads):",
+        "",
+        "| student | test top-1 | training time |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, r in data["arms"].items():
+        lines.append(f"| {label} | {r['test_top1'] * 100:.2f}% | {r['train_time_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+TABLES = {"train_fmnist": train_fmnist, "audit_core": audit_core, "journey": journey, "distill_fmnist": distill_fmnist}
 
 
 def main() -> None:
