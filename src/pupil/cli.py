@@ -38,7 +38,6 @@ def eval_cmd(
     data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
 ) -> None:
     """Evaluate a run on a split: top-1, top-5 and loss, printed and written to <run>/eval_<split>.json."""
-    from pupil.data import load
     from pupil.io import write_json
     from pupil.run import load_run
     from pupil.training.loop import evaluate, resolve_device, resolve_precision, setup_threads
@@ -46,20 +45,8 @@ def eval_cmd(
     dev = resolve_device(device)
     threads = setup_threads(0)
     r = load_run(run, device=dev)
-    d = r.info["data"]
-    cfg = r.info["config"]
-    ds = load(
-        d["dataset"],
-        split,
-        data_dir=data_dir or d.get("data_dir"),
-        val_size=cfg["data"]["val_size"],
-        seed=cfg["train"]["seed"],
-        img_size=cfg["data"].get("img_size"),
-    )
-    if ds.classes != r.classes:
-        raise PupilError(f"the dataset's classes {ds.classes} do not match the run's {r.classes}")
-    if list(ds.shape) != d["input_shape"]:
-        raise PupilError(f"the dataset's images are {list(ds.shape)} but the run was trained on {d['input_shape']}")
+    d, cfg = r.info["data"], r.info["config"]
+    ds = r.split(split, data_dir)
     dtype = resolve_precision(cfg["train"]["precision"], dev)
     metrics = evaluate(
         r.model, ds, batch_size=batch_size, device=dev, dtype=dtype, channels_last=r.info["runtime"]["channels_last"]

@@ -56,6 +56,28 @@ class Run:
     def summary(self) -> dict[str, Any]:
         return self.info.get("history", {})
 
+    def split(self, split: str, data_dir: str | None = None):
+        """A split of the run's dataset, carved exactly as in training (same val size and seed).
+
+        Raises PupilError when the data's classes or image shape disagree with what the run was trained on.
+        """
+        from pupil.data import load
+
+        d, cfg = self.info["data"], self.info["config"]
+        ds = load(
+            d["dataset"],
+            split,
+            data_dir=data_dir or d.get("data_dir"),
+            val_size=cfg["data"]["val_size"],
+            seed=cfg["train"]["seed"],
+            img_size=cfg["data"].get("img_size"),
+        )
+        if ds.classes != self.classes:
+            raise PupilError(f"the {split} split's classes {ds.classes} do not match the run's {self.classes}")
+        if list(ds.shape) != d["input_shape"]:
+            raise PupilError(f"the {split} images are {list(ds.shape)} but the run was trained on {d['input_shape']}")
+        return ds
+
 
 def read_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run.json"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from pupil.data import ImageDataset, load
+from pupil.data import ImageDataset
 from pupil.errors import PupilError
 from pupil.io import write_json
 from pupil.registry import Registry
@@ -112,19 +112,8 @@ def make_context(run_dir: str | Path, device: str, budget: str, seed: int, data_
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
     info, cfg = run.info, run.info["config"]
-    d = info["data"]
-    kw = dict(
-        data_dir=data_dir or d.get("data_dir"),
-        val_size=cfg["data"]["val_size"],
-        seed=cfg["train"]["seed"],
-        img_size=cfg["data"].get("img_size"),
-    )
-    test = load(d["dataset"], "test", **kw)
-    if test.classes != run.classes:
-        raise PupilError(f"the test split's classes {test.classes} do not match the run's {run.classes}")
-    if list(test.shape) != d["input_shape"]:
-        raise PupilError(f"the test images are {list(test.shape)} but the run was trained on {d['input_shape']}")
-    val = load(d["dataset"], "val", **kw) if cfg["data"]["val_size"] else None
+    test = run.split("test", data_dir)
+    val = run.split("val", data_dir) if cfg["data"]["val_size"] else None
     return AuditContext(
         run=run,
         test=test,
