@@ -52,7 +52,7 @@ def audit_core(data: dict) -> str:
 
 def journey(data: dict) -> str:
     lines = [
-        f"Each family's representative size trained on Fashion-MNIST for {data['minutes_per_model']:g} minutes of "
+        f"Each family's representative size trained on Fashion-MNIST for {data['minutes_per_model']:g} minute(s) of "
         f"training ({data['threads']} CPU threads, fp32){'' if data['complete'] else ' — INCOMPLETE run'}; "
         "latency and throughput measured after training on the same machine.",
         "",
