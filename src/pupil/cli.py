@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
-import torch
 import typer
 import yaml
 from rich.console import Console
@@ -71,6 +70,8 @@ def predict_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Top-k labels with probabilities for image files, resized and converted to the run's input."""
+    import torch
+
     from pupil.data.datasets import read_images
     from pupil.models.pretrained import PRETRAINED
     from pupil.run import load_run
