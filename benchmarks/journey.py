@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--families", default="", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "journey.json")
     ap.add_argument("--merge", action="store_true", help="replace only these families' rows in an existing --out")
+    ap.add_argument("--note", default="", help="conditions of the measurement, kept in the JSON (e.g. pinned core)")
     args = ap.parse_args()
     threads = setup_threads(0)
     entries = sorted(MODELS, key=lambda e: e.meta["year"])
@@ -167,6 +168,7 @@ def report(rows: list[dict], args: argparse.Namespace, threads: int, complete: b
         "benchmark": "journey",
         "minutes_per_model": args.minutes,
         "threads": threads,
+        "note": args.note,
         "complete": complete,
         "rows": rows,
     }

@@ -68,6 +68,8 @@ class ModelConfig:
     """Dropout before the classifier."""
     drop_path_rate: float = 0.0
     """Stochastic-depth rate of the last block (models with residual blocks)."""
+    pretrained: bool = False
+    """Start from ImageNet weights: timm:efficientnet_lite0 (shipped, offline) or timm:<name> (hub)."""
 
 
 @dataclass
@@ -113,7 +115,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, split, order and augmentation."""
     task: str = "classification"
-    """Training task (method): classification or distill."""
+    """Training task (method): classification, distill, adversarial or noise."""
     teacher: str | None = None
     """Distillation: the teacher's run directory."""
     distill_kind: str = "soft"
@@ -122,6 +124,16 @@ class TrainConfig:
     """Distillation: weight of the teacher's loss against the label loss."""
     distill_tau: float = 3.0
     """Distillation: softmax temperature for soft distillation."""
+    adv_attack: str = "pgd"
+    """Adversarial training: pgd (Madry et al. 2018) or fgsm (with random start, Wong et al. 2020)."""
+    epsilon: float = 0.1
+    """Adversarial training: L-inf radius in pixels ([0, 1] scale)."""
+    adv_steps: int = 7
+    """Adversarial training: PGD steps (fgsm takes one)."""
+    adv_alpha: float = 0.0
+    """Adversarial training: step size (0: 2.5 epsilon / steps for pgd, 1.25 epsilon for fgsm)."""
+    sigma: float = 0.25
+    """Noise training: standard deviation of the Gaussian noise added to pixels (Cohen et al. 2019)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     precision: str = "auto"
@@ -144,6 +156,10 @@ class TrainConfig:
             raise PupilError("epochs must be positive")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise PupilError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
+        if self.adv_attack not in ("pgd", "fgsm"):
+            raise PupilError(f"unknown adversarial attack {self.adv_attack!r}; choose pgd or fgsm")
+        if self.epsilon < 0 or self.sigma < 0 or self.adv_alpha < 0 or self.adv_steps < 1:
+            raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
 
 
 @dataclass

@@ -5,6 +5,10 @@
 ``_blocks.N._expand_conv``...), renamed onto timm's ``efficientnet_lite0`` by ``lite0_key``. Inputs are
 224x224 RGB scaled as (x - 0.5) / 0.5, which the pixel wrapper's mean and std express.
 Hub weights (``timm:<name>`` with ``pretrained=True``) still load by name where the network allows.
+
+``pretrained_net`` prepares such a network for fine-tuning (``--pretrained``): a new head for the
+dataset's classes and, for grey images, the RGB stem summed over its input channels, which is what
+feeding the grey image as three equal channels would compute.
 """
 
 from __future__ import annotations
@@ -70,3 +74,56 @@ def efficientnet_lite0_imagenet() -> tuple[PixelModel, list[str], int]:
 PRETRAINED: dict[str, Callable[[], tuple[PixelModel, list[str], int]]] = {
     "efficientnet_lite0.imagenet": efficientnet_lite0_imagenet,
 }
+
+
+# Registered model names whose pretrained weights ship with an installed package (no network needed).
+SHIPPED = {"timm:efficientnet_lite0": "efficientnet_lite0.imagenet"}
+
+
+def pretrained_net(name: str, num_classes: int, in_chans: int) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """ImageNet-pretrained network ``name`` with a fresh ``num_classes`` head, taking ``in_chans`` channels,
+    and the mean and std its weights expect (one value per input channel)."""
+    if in_chans not in (1, 3):
+        raise PupilError(f"pretrained weights take RGB or grey images, not {in_chans} channels")
+    if name in SHIPPED:
+        wrapped, _, _ = PRETRAINED[SHIPPED[name]]()
+        net, mean, std = wrapped.net, wrapped.mean.flatten().tolist(), wrapped.std.flatten().tolist()
+    elif name.startswith("timm:"):
+        from timm.data import resolve_data_config
+
+        from pupil.models.timm import create_timm
+
+        net = create_timm(name[5:], num_classes=1000, in_chans=3, img_size=224, pretrained=True)
+        cfg = resolve_data_config({}, model=net)
+        mean, std = list(cfg["mean"]), list(cfg["std"])
+    else:
+        raise PupilError(
+            f"no pretrained weights for {name!r}: use {' or '.join(sorted(SHIPPED))} (weights ship with a package) "
+            "or timm:<name> (downloads from the hub)"
+        )
+    if in_chans == 1:
+        _to_grey(net)
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    net.reset_classifier(num_classes)
+    return net, mean, std
+
+
+def _to_grey(net: torch.nn.Module) -> None:
+    """Replace the first 3-channel convolution by a 1-channel one with the RGB kernels summed.
+
+    With the per-channel normalisation averaged to one mean and std, this computes what the pretrained
+    stem gives for the grey image repeated on three channels (exactly, when the three stds are equal).
+    """
+    for parent in net.modules():
+        for child_name, conv in parent.named_children():
+            if isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3:
+                grey = torch.nn.Conv2d(
+                    1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None
+                )
+                with torch.no_grad():
+                    grey.weight.copy_(conv.weight.sum(1, keepdim=True))
+                    if conv.bias is not None:
+                        grey.bias.copy_(conv.bias)
+                setattr(parent, child_name, grey)
+                return
+    raise PupilError("could not find a 3-channel input convolution to adapt to grey images")

@@ -18,12 +18,14 @@ def create_timm(name: str, num_classes: int, in_chans: int, img_size: int, pretr
 
     args = dict(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
     try:
-        model = timm.create_model(name, img_size=img_size, **args)
-    except TypeError:  # the architecture has no img_size argument (most CNNs)
-        model = timm.create_model(name, **args)
-    except RuntimeError as e:
+        try:
+            model = timm.create_model(name, img_size=img_size, **args)
+        except TypeError:  # the architecture has no img_size argument (most CNNs)
+            model = timm.create_model(name, **args)
+    except (RuntimeError, OSError) as e:  # offline, the hub raises OSError (LocalEntryNotFoundError)
         if pretrained:
-            raise PupilError(f"could not load pretrained weights for {name!r}: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PupilError(f"could not load pretrained weights for {name!r} (no network?): {first}") from None
         raise
     model.gradcam_layer = _last_feature_module(model)
     if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "grid_size"):

@@ -215,7 +215,12 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
     model_kwargs = dict(cfg.model.model_args, drop_rate=cfg.model.drop_rate)
     if cfg.model.drop_path_rate:
         model_kwargs["drop_path_rate"] = cfg.model.drop_path_rate
-    net = create(cfg.model.model, num_classes=len(train_ds.classes), in_chans=c, img_size=h, **model_kwargs)
+    if cfg.model.pretrained:
+        from pupil.models.pretrained import pretrained_net
+
+        net, mean, std = pretrained_net(cfg.model.model, len(train_ds.classes), c)
+    else:
+        net = create(cfg.model.model, num_classes=len(train_ds.classes), in_chans=c, img_size=h, **model_kwargs)
     channels_last = cfg.train.channels_last and any(isinstance(m, nn.Conv2d) for m in net.modules())
     model = PixelModel(net, mean, std).to(device)
     if channels_last:
