@@ -1,8 +1,15 @@
 """The audit: checks by name, one module per concern, and the runner that writes results.json."""
 
-from pupil.audit import accuracy, calibration, efficiency, energy  # noqa: F401  (registers the checks)
+from pupil.audit import (  # noqa: F401  (registers the checks)
+    accuracy,
+    adversarial,
+    calibration,
+    certify,
+    efficiency,
+    energy,
+)
 from pupil.audit.common import CHECKS, AuditContext, Check, run_audit
 
-DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy"]
+DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify"]
 
 __all__ = ["CHECKS", "DEFAULT_CHECKS", "AuditContext", "Check", "run_audit"]

@@ -118,7 +118,13 @@ def _to_grey(net: torch.nn.Module) -> None:
         for child_name, conv in parent.named_children():
             if isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3:
                 grey = torch.nn.Conv2d(
-                    1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None
+                    1,
+                    conv.out_channels,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    bias=conv.bias is not None,
                 )
                 with torch.no_grad():
                     grey.weight.copy_(conv.weight.sum(1, keepdim=True))

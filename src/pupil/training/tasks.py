@@ -1,6 +1,5 @@
 """Training methods as objects: each maps a batch to ``{"loss", "logits"}``; the loop never branches
 on the method (timm's ``task/``). A task is built from the resolved config with ``from_config``.
-Later issues add adversarial and noise tasks here.
 """
 
 from __future__ import annotations
@@ -93,3 +92,54 @@ class DistillationTask:
         label_loss = cross_entropy(cls_logits, y, self.label_smoothing)
         loss = (1 - self.alpha) * label_loss + self.alpha * self.distill_loss(dist_logits, teacher_logits)
         return {"loss": loss, "logits": logits}
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class indices from hard labels or from mixup/cutmix soft targets (their argmax)."""
+    return y.argmax(1) if y.ndim == 2 else y
+
+
+@TASKS.register("adversarial")
+class AdversarialTask:
+    """Adversarial training: the loss on L-inf adversarial examples found for the current weights.
+
+    ``pgd``: PGD with a random start (Madry et al. 2018). ``fgsm``: one step of size 1.25 epsilon from a
+    uniform random start ("fast is better than free", Wong, Rice & Kolter 2020). The attack runs with the
+    model in training mode, as both papers do, so batch-norm statistics also see adversarial batches.
+    """
+
+    def __init__(self, epsilon: float, steps: int, alpha: float, label_smoothing: float = 0.0):
+        self.epsilon, self.steps, self.alpha = epsilon, steps, alpha
+        self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device, **_: Any) -> AdversarialTask:
+        t = cfg.train
+        steps = 1 if t.adv_attack == "fgsm" else t.adv_steps
+        alpha = t.adv_alpha or (1.25 * t.epsilon if t.adv_attack == "fgsm" else 2.5 * t.epsilon / steps)
+        return cls(t.epsilon, steps, alpha, cfg.optim.label_smoothing)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        from pupil.robust.attacks import pgd
+
+        if self.epsilon > 0:
+            x = pgd(model, x, hard_labels(y), self.epsilon, self.alpha, self.steps, norm="linf", random_start=True)
+        logits = model(x)
+        return {"loss": cross_entropy(logits, y, self.label_smoothing), "logits": logits}
+
+
+@TASKS.register("noise")
+class NoiseTask:
+    """Gaussian noise augmentation, N(0, sigma^2) added to the pixels and not clipped, so that the base
+    classifier is accurate under the noise that randomized smoothing certifies with (Cohen et al. 2019)."""
+
+    def __init__(self, sigma: float, label_smoothing: float = 0.0):
+        self.sigma, self.label_smoothing = sigma, label_smoothing
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device, **_: Any) -> NoiseTask:
+        return cls(cfg.train.sigma, cfg.optim.label_smoothing)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = model(x + self.sigma * torch.randn_like(x))
+        return {"loss": cross_entropy(logits, y, self.label_smoothing), "logits": logits}
