@@ -7,9 +7,10 @@ from pupil.audit import (  # noqa: F401  (registers the checks)
     certify,
     efficiency,
     energy,
+    ood,
 )
 from pupil.audit.common import CHECKS, AuditContext, Check, run_audit
 
-DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify"]
+DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify", "ood"]
 
 __all__ = ["CHECKS", "DEFAULT_CHECKS", "AuditContext", "Check", "run_audit"]

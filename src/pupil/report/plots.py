@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 INK, ACCENT, MUTED = "#1f2937", "#2563eb", "#9ca3af"
+PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#4b5563"]
 
 
 def to_uri(fig) -> str:
@@ -124,6 +125,78 @@ def pareto(points: list[dict[str, Any]], x: str, y: str, xlabel: str, ylabel: st
     return to_uri(fig)
 
 
+def line_curves(x: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, xlog: bool = False) -> str:
+    """One line per named series over a shared x axis."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for i, (label, ys) in enumerate(series.items()):
+        ax.plot(x, ys, marker="o" if len(x) <= 12 else None, ms=3, label=label, color=PALETTE[i % len(PALETTE)])
+    if xlog:
+        ax.set_xscale("symlog", linthresh=min((v for v in x if v > 0), default=1e-3))
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def decode_png(uri: str):
+    """A ``data:image/png;base64,...`` string as a numpy array."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def image_grid(rows: list[list[Any]], titles: list[list[str]], col_titles: list[str] | None = None) -> str:
+    """A grid of small images (arrays or PNG data URIs), one row per example, drawn with nearest pixels."""
+    n, m = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n, m, figsize=(1.7 * m, 1.8 * n), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(m):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j >= len(row):
+                continue
+            img = decode_png(row[j]) if isinstance(row[j], str) else row[j]
+            ax.imshow(img, cmap="gray" if getattr(img, "ndim", 3) == 2 else None, interpolation="nearest")
+            ax.set_title(titles[i][j], fontsize=7)
+    if col_titles:
+        for j, t in enumerate(col_titles):
+            axes[0][j].set_title(f"{t}\n{axes[0][j].get_title()}", fontsize=7)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def adversarial_examples(curves: dict[str, Any]) -> str:
+    ex = curves["examples"]
+    rows = [[e["clean"], e["adversarial"], e["perturbation"]] for e in ex]
+    titles = [
+        [f"clean: {e['clean_pred']}", f"ε={e['eps']:g}: {e['adv_pred']}", f"perturbation ×{e['perturbation_scale']:g}"]
+        for e in ex
+    ]
+    return image_grid(rows, titles)
+
+
+def score_histograms(hists: dict[str, Any]) -> str:
+    """One panel per score: the in-distribution histogram filled, each OOD set as a step outline."""
+    names = list(hists)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 2.9), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        h = hists[name]
+        edges = h["edges"]
+        for i, (label, counts) in enumerate(h["counts"].items()):
+            total = max(sum(counts), 1)
+            dens = [c / total for c in counts]
+            if label == "id":
+                ax.stairs(dens, edges, fill=True, color=MUTED, alpha=0.6, label="in-distribution")
+            else:
+                ax.stairs(dens, edges, color=PALETTE[i % len(PALETTE)], lw=1.4, label=label)
+        ax.set(title=name, xlabel="score (higher = more in-distribution)", ylabel="fraction")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
 FIGURES = {
     "accuracy": [
         ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
@@ -131,4 +204,33 @@ FIGURES = {
     ],
     "calibration": [("Reliability diagram", lambda s: reliability(s["curves"]))],
     "efficiency": [("Batch-1 latency", lambda s: latency_hist(s["curves"]))],
+    "adversarial": [
+        (
+            "Robust accuracy against ε (images wrong when clean count as not robust)",
+            lambda s: line_curves(
+                s["curves"]["robust_accuracy"]["epsilon"],
+                {"FGSM": s["curves"]["robust_accuracy"]["fgsm"], "PGD": s["curves"]["robust_accuracy"]["pgd"]},
+                f"ε ({s['metrics']['norm']})",
+                "accuracy",
+            ),
+        ),
+        ("Clean and adversarial examples with the amplified perturbation", lambda s: adversarial_examples(s["curves"])),
+    ],
+    "ood": [
+        (
+            "Score histograms: in-distribution test images against each OOD set (the end bins are open-ended)",
+            lambda s: score_histograms(s["curves"]["histograms"]),
+        )
+    ],
+    "certify": [
+        (
+            "Certified accuracy against L2 radius",
+            lambda s: line_curves(
+                s["curves"]["certified_accuracy"]["radius"],
+                {"smoothed classifier": s["curves"]["certified_accuracy"]["accuracy"]},
+                "L2 radius",
+                "certified accuracy",
+            ),
+        )
+    ],
 }

@@ -1,0 +1,540 @@
+"""Out-of-distribution detection: how well a per-image score tells the test split from images of other kinds.
+
+Convention: every score is **higher for inputs that look in-distribution (ID)**; the ID test images are the
+positive class for AUROC, AUPR-In and FPR at 95% TPR, and the OOD images the positive class for AUPR-Out.
+
+Scores
+    msp          maximum softmax probability (Hendrycks & Gimpel 2017).
+    max_logit    the largest logit (Hendrycks et al. 2022, "Scaling OOD detection for real-world settings").
+    energy       T * logsumexp(logits / T), the negative free energy, with T = 1 (Liu et al. 2020).
+    odin         max softmax of logits / T after nudging the input by epsilon * sign of the gradient that raises
+                 it (Liang et al. 2018). T = 1000 and epsilon = 0.0014 are fixed defaults; the paper tunes
+                 epsilon on held-out data, which is not done here. The step is taken in [0, 1] pixel space
+                 through the wrapper (the paper steps in normalised space), without clipping to [0, 1].
+    mahalanobis  minus the smallest Mahalanobis distance to a class mean, with class means and one shared
+                 covariance fitted on penultimate features of training images (Lee et al. 2018). Simplified:
+                 penultimate layer only, no input pre-processing and no ensemble over layers.
+    knn          minus the distance from the L2-normalised feature to its k-th nearest L2-normalised training
+                 feature (Sun et al. 2022), through faiss ``IndexFlatL2``.
+    vim          energy minus alpha times the norm of the feature's residual off the principal subspace of the
+                 training features, measured from the origin o = -pinv(W) b of the linear head (Wang et al. 2022).
+
+Logit scores use the wrapper's logits (flip-averaged when the run uses TTA); feature scores use the penultimate
+features of the un-flipped image. Training features are those of a seeded subset of the run's train split.
+
+OOD sets: ``mnist-5k`` (near-OOD for Fashion-MNIST), ``digits`` (scikit-learn's 8x8 digits), ``noise`` (i.i.d.
+N(0.5, 0.5^2) pixels clipped to [0, 1]) and ``uniform`` (i.i.d. U(0, 1) pixels), both seeded, or any dataset name,
+image folder or CSV manifest that ``pupil.data.load`` accepts. Each is converted to the ID images' channels and
+size and capped at ``n_ood`` images (seeded); the ID dataset itself, or a set mostly made of copies of its test
+images, is refused.
+
+Metrics (AUROC, AUPR-In, AUPR-Out, FPR at 95% TPR) are written here over distinct thresholds exactly as
+scikit-learn's ``roc_curve`` and ``average_precision_score`` treat ties, and tested against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.errors import PupilError
+
+SCORES = ("msp", "max_logit", "energy", "odin", "mahalanobis", "knn", "vim")
+FITTED = ("mahalanobis", "knn", "vim")  # need training features
+NOISE_SETS = ("noise", "uniform")
+NOISE_STD = 0.5  # "noise": i.i.d. N(0.5, 0.5^2) per pixel, clipped to [0, 1]
+HIST_SCORES = ("msp", "energy", "knn")  # histograms kept in results.json (plus the best score)
+HIST_BINS = 30
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's RGB -> "L"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics: ID positive unless stated; pure functions of two score vectors.
+
+
+def _counts(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative true/false positive counts at each distinct threshold, highest first (sklearn's
+    ``_binary_clf_curve``): samples with tied scores enter together."""
+    s = torch.cat([pos, neg]).double()
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{(~torch.isfinite(s)).sum().item()} OOD scores are not finite")
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    order = s.argsort(descending=True, stable=True)
+    s, y = s[order], y[order]
+    last = torch.ones(len(s), dtype=torch.bool)  # last member of each run of equal scores
+    last[:-1] = s[1:] != s[:-1]
+    return y.cumsum(0)[last], (1 - y).cumsum(0)[last]
+
+
+def roc(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(false positive rate, true positive rate) from (0, 0) through every distinct threshold to (1, 1)."""
+    tps, fps = _counts(pos, neg)
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, fps / fps[-1]]), torch.cat([zero, tps / tps[-1]])
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Area under the ROC curve (trapezoidal, so a tie counts one half as in the Mann-Whitney U)."""
+    fpr, tpr = roc(pos, neg)
+    return torch.trapezoid(tpr, fpr).item()
+
+
+def aupr(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Average precision, sum over thresholds of (R_n - R_n-1) * P_n, as sklearn's ``average_precision_score``."""
+    tps, fps = _counts(pos, neg)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return (torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum().item()
+
+
+def fpr_at_tpr(pos: torch.Tensor, neg: torch.Tensor, level: float = 0.95) -> float:
+    """False positive rate at the first threshold whose true positive rate reaches ``level``."""
+    fpr, tpr = roc(pos, neg)
+    return fpr[(tpr >= level).nonzero()[0, 0]].item()
+
+
+def detection_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> dict[str, float]:
+    """AUROC, AUPR-In (ID positive), AUPR-Out (OOD positive, scores negated) and FPR at 95% TPR."""
+    return {
+        "auroc": auroc(id_scores, ood_scores),
+        "aupr_in": aupr(id_scores, ood_scores),
+        "aupr_out": aupr(-ood_scores, -id_scores),
+        "fpr95": fpr_at_tpr(id_scores, ood_scores),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores: higher = more in-distribution. Computed in float64 so that confident softmaxes do not saturate into ties.
+
+
+def msp(logits: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability, in [1/K, 1]."""
+    return logits.double().softmax(1).amax(1)
+
+
+def max_logit(logits: torch.Tensor) -> torch.Tensor:
+    return logits.double().amax(1)
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Negative free energy T * logsumexp(logits / T)."""
+    return temperature * torch.logsumexp(logits.double() / temperature, 1)
+
+
+def odin(model: nn.Module, x: torch.Tensor, temperature: float = 1000.0, epsilon: float = 0.0014) -> torch.Tensor:
+    """ODIN on a pixel batch x (B, C, H, W) in [0, 1]: step epsilon along the sign of the gradient of the
+    temperature-scaled log max-softmax, then take the temperature-scaled max softmax there.
+
+    Runs in fp32 whatever the run's precision: at T = 1000 the softmax differences are below bf16's resolution.
+    """
+    x = x.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        log_p = (model(x).float() / temperature).log_softmax(1).amax(1)  # the predicted class, as in the paper
+        (grad,) = torch.autograd.grad(log_p.sum(), x)
+    with torch.no_grad():
+        return msp(model(x.detach() + epsilon * grad.sign()).float() / temperature)
+
+
+def fit_mahalanobis(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means (K', D) of the classes present and the pseudo-inverse (D, D) of the shared covariance
+    (1/N) sum_c sum_{i in c} (f_i - mu_c)(f_i - mu_c)^T, as Lee et al. 2018 (sklearn's EmpiricalCovariance)."""
+    f = feats.double()
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    means = torch.stack([f[labels == c].mean(0) for c in present])
+    slot = torch.full((num_classes,), -1, dtype=torch.long)
+    slot[present] = torch.arange(len(present))
+    centered = f - means[slot[labels]]
+    cov = centered.T @ centered / len(f)
+    return means, torch.linalg.pinv(cov, hermitian=True)
+
+
+def mahalanobis(feats: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """-min_c (f - mu_c)^T P (f - mu_c), expanded as f P f - 2 f P mu_c + mu_c P mu_c to avoid a (B, K, D) tensor."""
+    f = feats.double()
+    fp = f @ precision  # (B, D)
+    dist = (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)  # (B, K)
+    return -dist.min(1).values
+
+
+def fit_knn(feats: torch.Tensor):
+    """A faiss ``IndexFlatL2`` over the L2-normalised training features."""
+    import faiss
+
+    index = faiss.IndexFlatL2(feats.shape[1])
+    index.add(np.ascontiguousarray(F.normalize(feats.float(), dim=1).numpy()))
+    return index
+
+
+def knn(feats: torch.Tensor, index, k: int = 50) -> torch.Tensor:
+    """Minus the Euclidean distance to the k-th nearest training feature (both L2-normalised)."""
+    d2, _ = index.search(np.ascontiguousarray(F.normalize(feats.float(), dim=1).numpy()), k)  # squared, ascending
+    return -torch.from_numpy(d2[:, -1]).double().clamp_min(0).sqrt()
+
+
+class VimFit(NamedTuple):
+    weight: torch.Tensor  # (K, D) head weight
+    bias: torch.Tensor  # (K,)
+    origin: torch.Tensor  # (D,) -pinv(W) b
+    residual: torch.Tensor  # (D, D - dim) eigenvectors off the principal subspace
+    alpha: float
+
+
+def fit_vim(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int | None = None) -> VimFit:
+    """Fit ViM on training features (Wang et al. 2022, Alg. 1 and their code): principal dimension 1000 for
+    D >= 2048, 512 for D >= 768, else D / 2; alpha = mean max-logit / mean residual norm."""
+    f, w, b = feats.double(), weight.double(), bias.double()
+    d = f.shape[1]
+    dim = dim or (1000 if d >= 2048 else 512 if d >= 768 else d // 2)
+    origin = -torch.linalg.pinv(w) @ b
+    x = f - origin
+    _, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues; covariance about the origin
+    residual = vecs[:, : d - dim]
+    alpha = ((f @ w.T + b).amax(1).mean() / (x @ residual).norm(dim=1).mean()).item()
+    return VimFit(w, b, origin, residual, alpha)
+
+
+def vim(feats: torch.Tensor, fit: VimFit) -> torch.Tensor:
+    """Energy of the head's logits minus the virtual logit alpha * ||(f - o) R||."""
+    f = feats.double()
+    virtual = fit.alpha * ((f - fit.origin) @ fit.residual).norm(dim=1)
+    return torch.logsumexp(f @ fit.weight.T + fit.bias, 1) - virtual
+
+
+def score_images(
+    model: nn.Module, x: torch.Tensor, score: str = "energy", temperature: float | None = None, epsilon: float = 0.0014
+) -> torch.Tensor:
+    """Per-image OOD score (B,) for a pixel batch x (B, C, H, W) in [0, 1]; higher = more in-distribution.
+
+    For the scores that need no fitted statistics: msp, max_logit, energy (temperature 1 by default) and odin
+    (temperature 1000 by default). ``pupil predict --defer-below`` thresholds it.
+    """
+    if score == "odin":
+        return odin(model, x, temperature or 1000.0, epsilon)
+    plain = {"msp": msp, "max_logit": max_logit, "energy": lambda z: energy(z, temperature or 1.0)}
+    if score not in plain:
+        raise PupilError(
+            f"score {score!r} cannot be computed per image without training statistics; choose one of "
+            f"{', '.join([*plain, 'odin'])}"
+        )
+    with torch.no_grad():
+        return plain[score](model(x).float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: OOD sets converted to the ID images' shape, and one pass that gives logits and features.
+
+
+def convert_images(images: torch.Tensor, shape: tuple[int, int, int], chunk: int = 1024) -> tuple[torch.Tensor, list]:
+    """uint8 (N, C', H', W') -> uint8 (N, C, H, W): grey <-> RGB and a bilinear antialiased resize.
+
+    Returns the images and what was done, in words.
+    """
+    c, h, w = shape
+    n, c0, h0, w0 = images.shape
+    done = []
+    if c0 != c and not {c0, c} == {1, 3}:
+        raise PupilError(f"cannot convert {c0}-channel images to the model's {c} channels")
+    if c0 != c:
+        done.append("grey repeated to RGB" if c == 3 else "RGB to grey (BT.601 luma)")
+    if (h0, w0) != (h, w):
+        done.append(f"resized {h0}x{w0} -> {h}x{w} (bilinear, antialiased)")
+    if not done:
+        return images, done
+    luma = torch.tensor(LUMA).view(1, 3, 1, 1)
+    out = torch.empty(n, c, h, w, dtype=torch.uint8)
+    for i in range(0, n, chunk):
+        x = images[i : i + chunk].float()
+        if c0 == 1 and c == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif c0 == 3 and c == 1:
+            x = (x * luma).sum(1, keepdim=True)
+        if (h0, w0) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out, done
+
+
+def _subset(n_total: int, n: int, seed: int) -> torch.Tensor | None:
+    """A seeded random index of n of n_total items, or None when n is 0 or covers them all."""
+    if not n or n >= n_total:
+        return None
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def _refuse_id(name: str, id_name: str) -> None:
+    a, b = Path(name), Path(id_name)
+    if name == id_name or (a.exists() and b.exists() and a.resolve() == b.resolve()):
+        raise PupilError(f"OOD set {name!r} is the in-distribution dataset itself; choose a different set")
+
+
+def load_ood(name: str, shape: tuple[int, int, int], n: int, seed: int, id_name: str) -> tuple[torch.Tensor, list]:
+    """Up to n OOD images (uint8, the ID shape) and notes on how they were made.
+
+    ``noise`` and ``uniform`` are generated (seeded); any other name goes through ``pupil.data.load`` (all of
+    its splits: none of it was seen in training). The ID dataset itself is refused.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if name == "noise":
+        x = (0.5 + NOISE_STD * torch.randn(n, *shape, generator=g)).clamp(0, 1)
+        return (x * 255).round().to(torch.uint8), [f"noise: {n} images of i.i.d. N(0.5, {NOISE_STD}^2) pixels, clipped"]
+    if name == "uniform":
+        x = torch.rand(n, *shape, generator=g)
+        return (x * 255).round().to(torch.uint8), [f"uniform: {n} images of i.i.d. U(0, 1) pixels"]
+    _refuse_id(name, id_name)
+    from pupil.data import load
+
+    ds = load(name, "all")
+    notes = []
+    idx = _subset(len(ds), n, seed)
+    if idx is not None:
+        notes.append(f"{name}: a seeded subset of {n} of its {len(ds)} images")
+        ds = ds.subset(idx)
+    images, done = convert_images(ds.images, shape)
+    if done:
+        notes.append(f"{name}: {'; '.join(done)}")
+    return images, notes
+
+
+def _hashes(images: torch.Tensor) -> list[bytes]:
+    return [hashlib.blake2b(im.numpy().tobytes(), digest_size=16).digest() for im in images]
+
+
+def forward_pass(
+    model: nn.Module, images: torch.Tensor, ctx: AuditContext, batch_size: int, features: bool, logits: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Logits (N, K) from the wrapper and, when asked, penultimate features (N, D) of the un-flipped images."""
+    from pupil.training.loop import autocast, to_input
+
+    net, out, feats = model.net, [], []
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            x = to_input(chunk, ctx.device, ctx.channels_last)
+            with autocast(ctx.device, ctx.dtype):
+                if not features:
+                    out.append(model(x).float().cpu())
+                    continue
+                fmap = net.forward_features(model.normalize(x))
+                feats.append(net.forward_head(fmap, pre_logits=True).float().cpu())
+                if not logits:
+                    continue
+                z = net.forward_head(fmap)
+                if model.tta:  # the wrapper's flip average, reusing the un-flipped pass
+                    z = (z + net(model.normalize(x.flip(3)))) / 2
+                out.append(z.float().cpu())
+    return torch.cat(out) if out else None, torch.cat(feats) if features else None
+
+
+def odin_pass(model: nn.Module, images: torch.Tensor, ctx: AuditContext, cfg: OODConfig) -> torch.Tensor:
+    from pupil.training.loop import to_input
+
+    out = []
+    for chunk in images.split(cfg.batch_size):
+        x = to_input(chunk, ctx.device, ctx.channels_last)
+        out.append(odin(model, x, cfg.odin_temperature, cfg.odin_epsilon).cpu())
+    return torch.cat(out)
+
+
+def linear_head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The head's (weight, bias) when logits are exactly a linear map of the penultimate features; else why not."""
+    net = model.net
+    head = net.get_classifier() if hasattr(net, "get_classifier") else getattr(net, "head", None)
+    if not isinstance(head, nn.Linear):
+        return f"the classifier head is a {type(head).__name__}, not one Linear layer"
+    w = head.weight.detach().float()
+    b = head.bias.detach().float() if head.bias is not None else torch.zeros(len(w), device=w.device)
+    with torch.no_grad():
+        fmap = net.forward_features(model.normalize(x.float()))
+        feats, logits = net.forward_head(fmap, pre_logits=True), net.forward_head(fmap)
+    if feats.shape[1] != w.shape[1] or not torch.allclose(F.linear(feats, w, b), logits, atol=1e-4, rtol=1e-4):
+        return "the logits are not a linear map of the penultimate features"
+    return w.cpu(), b.cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The check
+
+
+def _names(text: str) -> list[str]:
+    return list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+
+
+@dataclass
+class OODConfig:
+    sets: str = "mnist-5k,digits,noise,uniform"
+    """Comma-separated OOD sets: dataset names, image folders, CSV manifests, or generated noise/uniform."""
+    extra: str = ""
+    """More comma-separated OOD sets given by the user (the CLI's --ood)."""
+    scores: str = "msp,max_logit,energy,odin,mahalanobis,knn,vim"
+    """Comma-separated scores to compare (higher = more in-distribution)."""
+    n_id: int = 0
+    """In-distribution test images used (a seeded subset; 0 = the whole test split)."""
+    n_ood: int = 2000
+    """Images per OOD set at most (a seeded subset; generated sets have exactly this many)."""
+    n_fit: int = 10000
+    """Training images whose features fit Mahalanobis, KNN and ViM (a seeded subset of the train split)."""
+    odin_temperature: float = 1000.0
+    """ODIN's softmax temperature T."""
+    odin_epsilon: float = 0.0014
+    """ODIN's input step in [0, 1] pixel units (fixed, not tuned on validation data)."""
+    knn_k: int = 50
+    """KNN's k: the rank of the training neighbour whose distance is the score."""
+    batch_size: int = 500
+    """Images per forward pass."""
+
+    def __post_init__(self):
+        if unknown := [s for s in _names(self.scores) if s not in SCORES]:
+            raise PupilError(f"unknown OOD score(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
+        if not _names(self.scores):
+            raise PupilError("the ood check needs at least one score")
+        if not _names(f"{self.sets},{self.extra}"):
+            raise PupilError("the ood check needs at least one OOD set (sets or extra)")
+        if "id" in _names(f"{self.sets},{self.extra}"):
+            raise PupilError("an OOD set may not be called 'id' (the name of the in-distribution scores)")
+        for name in ("n_ood", "n_fit", "knn_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PupilError(f"ood {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_id < 0:
+            raise PupilError(f"ood n_id must be 0 (all) or positive, got {self.n_id}")
+        if self.odin_temperature <= 0 or self.odin_epsilon < 0:
+            raise PupilError("ood odin_temperature must be > 0 and odin_epsilon >= 0")
+
+
+@CHECKS.register("ood")
+class OOD(Check):
+    name, title, Config = "ood", "Out-of-distribution detection", OODConfig
+    quick = {"n_id": 500, "n_ood": 300, "n_fit": 1000}
+
+    def run(self, ctx: AuditContext, cfg: OODConfig) -> dict:
+        model = ctx.model.eval()
+        scores, sets = _names(cfg.scores), _names(f"{cfg.sets},{cfg.extra}")
+        id_name = ctx.run.info["data"]["dataset"]
+        for name in sets:  # before any loading
+            _refuse_id(name, id_name)
+        notes = []
+        id_images = ctx.test.images
+        if (idx := _subset(len(id_images), cfg.n_id, ctx.seed)) is not None:
+            id_images = id_images[idx]
+            notes.append(f"in-distribution: a seeded subset of {cfg.n_id} of the {len(ctx.test)} test images")
+        images = {"id": id_images}
+        id_hashes = set(_hashes(ctx.test.images))
+        for name in sets:
+            x, how = load_ood(name, ctx.test.shape, cfg.n_ood, ctx.seed, id_name)
+            copies = 0 if name in NOISE_SETS else sum(h in id_hashes for h in _hashes(x))
+            if copies > len(x) / 2:
+                raise PupilError(f"OOD set {name!r}: {copies} of its {len(x)} images are test images of the run")
+            if copies:
+                how.append(f"{name}: {copies} images are exact copies of test images (kept)")
+            images[name] = x
+            notes += how
+
+        counts = {k: len(v) for k, v in images.items()}
+        train = self._fit_features(model, ctx, cfg, notes) if set(scores) & set(FITTED) else None
+        if train is not None:
+            counts["fit"] = len(train[0])
+        per_score = self._score(model, images, train, ctx, cfg, scores, notes)
+        return self._summarise(per_score, sets, counts, notes)
+
+    def _score(self, model, images, train, ctx, cfg, scores, notes) -> dict[str, dict[str, torch.Tensor]]:
+        """{score: {"id" or set name: scores (N,)}} for every score that could be computed."""
+        fitted = [s for s in scores if s in FITTED]
+        passes = {k: forward_pass(model, x, ctx, cfg.batch_size, bool(fitted)) for k, x in images.items()}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        plain = {"msp": msp, "max_logit": max_logit, "energy": energy}
+        for s in scores:
+            if s in plain:
+                out[s] = {k: plain[s](z) for k, (z, _) in passes.items()}
+            elif s == "odin":
+                out[s] = {k: odin_pass(model, x, ctx, cfg) for k, x in images.items()}
+                notes.append(
+                    f"odin: T = {cfg.odin_temperature:g} and epsilon = {cfg.odin_epsilon:g} fixed, not tuned on "
+                    "validation data; the step is taken in [0, 1] pixel space"
+                )
+        if not fitted:
+            return out
+        train_feats, train_y = train
+        feats = {k: f for k, (_, f) in passes.items()}
+        if "mahalanobis" in fitted:
+            means, precision = fit_mahalanobis(train_feats, train_y, model.num_classes)
+            out["mahalanobis"] = {k: mahalanobis(f, means, precision) for k, f in feats.items()}
+            notes.append("mahalanobis: penultimate layer only, without input pre-processing or a layer ensemble")
+        if "knn" in fitted:
+            k = min(cfg.knn_k, len(train_feats))
+            if k < cfg.knn_k:
+                notes.append(f"knn: k lowered from {cfg.knn_k} to {k}, the number of training features")
+            index = fit_knn(train_feats)
+            out["knn"] = {name: knn(f, index, k) for name, f in feats.items()}
+        if "vim" in fitted:
+            head = linear_head(model, images["id"][:8].to(ctx.device).float().div(255))
+            if isinstance(head, str):
+                notes.append(f"vim skipped: {head}")
+            else:
+                fit = fit_vim(train_feats, *head)
+                out["vim"] = {k: vim(f, fit) for k, f in feats.items()}
+        if model.tta:  # penultimate features of a flip average would be a different layer's statistics
+            notes.append("feature scores (mahalanobis, knn, vim) use the un-flipped image; logit scores the TTA logits")
+        return {s: out[s] for s in scores if s in out}
+
+    def _fit_features(self, model, ctx, cfg, notes) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            train, source = ctx.run.split("train"), "train"
+        except PupilError as e:
+            if ctx.val is None:
+                raise PupilError(f"the ood check's feature scores need the training split: {e}") from None
+            train, source = ctx.val, "val"
+            notes.append(f"training split unavailable ({e}); feature statistics fitted on the val split")
+        if (idx := _subset(len(train), cfg.n_fit, ctx.seed)) is not None:
+            train = train.subset(idx)
+        notes.append(f"feature statistics (mahalanobis, knn, vim) fitted on {len(train)} {source} images")
+        _, feats = forward_pass(model, train.images, ctx, cfg.batch_size, features=True, logits=False)
+        return feats, train.targets
+
+    def _summarise(self, per_score, sets, counts, notes) -> dict:
+        metrics = {"sets": {}, "mean": {}, "n": {"id": counts["id"], "ood": {s: counts[s] for s in sets}}}
+        if "fit" in counts:
+            metrics["n"]["fit"] = counts["fit"]
+        rows = []
+        for name in sets:
+            metrics["sets"][name] = {s: detection_metrics(v["id"], v[name]) for s, v in per_score.items()}
+            rows += [[name, s, *m.values()] for s, m in metrics["sets"][name].items()]
+        for s in per_score:
+            keys = ("auroc", "aupr_in", "aupr_out", "fpr95")
+            metrics["mean"][s] = {m: float(np.mean([metrics["sets"][n][s][m] for n in sets])) for m in keys}
+            rows.append(["mean", s, *metrics["mean"][s].values()])
+        best = max(metrics["mean"], key=lambda s: metrics["mean"][s]["auroc"])
+        metrics["best_score"] = best
+        # Headline: MSP's mean AUROC, not the best score's. MSP is the baseline every softmax classifier has and
+        # needs nothing fitted, so the number compares across runs; the best of seven scores picked on these very
+        # OOD sets would be optimistically biased. The table and metrics["best_score"] show the others.
+        lead = "msp" if "msp" in per_score else next(iter(per_score))
+        label = f"OOD AUROC ({lead}, mean over {len(sets)} set{'s' if len(sets) > 1 else ''})"
+        hist_scores = [s for s in per_score if s in HIST_SCORES or s == best]
+        return {
+            "headline": headline(label, metrics["mean"][lead]["auroc"], True, "fraction"),
+            "metrics": metrics,
+            "tables": {"ood": table(["set", "score", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR"], rows)},
+            "curves": {"histograms": {s: histograms(per_score[s]) for s in hist_scores}},
+            "notes": notes,
+        }
+
+
+def histograms(values: dict[str, torch.Tensor], bins: int = HIST_BINS) -> dict:
+    """Counts per group over shared equal-width bins spanning the 0.5-99.5% quantiles of all the scores
+    (values beyond fall into the end bins, so a far-away set does not squash the rest into one bin)."""
+    pooled = torch.cat(list(values.values())).double()
+    lo, hi = torch.quantile(pooled, torch.tensor([0.005, 0.995], dtype=torch.float64)).tolist()
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    counts = {}
+    for k, v in values.items():
+        idx = (torch.bucketize(v.double(), edges, right=True) - 1).clamp(0, bins - 1)
+        counts[k] = torch.bincount(idx, minlength=bins).tolist()
+    return {"edges": edges.tolist(), "counts": counts}
