@@ -96,6 +96,43 @@ def predict_cmd(
             console.print(f"  {classes[i]:<24s} {v:7.2%}")
 
 
+@app.command("explain")
+def explain_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    image: Annotated[Path, typer.Argument(help="Image file, converted and resized to the run's input.")],
+    method: Annotated[
+        str, typer.Option(help="gradcam, gradcam++, integrated_gradients, occlusion, lime or kernel_shap.")
+    ] = "gradcam",
+    target: Annotated[str | None, typer.Option(help="Class name or index to explain (default: predicted).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Overlay PNG to write (default: <image>_<method>.png).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Explain one prediction: write the image with the method's saliency map overlaid as a PNG."""
+    from pupil.audit.explain import explain_image, overlay_png
+    from pupil.audit.explain import method as check_method
+    from pupil.data.datasets import read_images
+    from pupil.run import load_run
+    from pupil.training.loop import resolve_device
+
+    check_method(method)  # an unknown method fails before the model loads
+    r = load_run(run, device=resolve_device(device))
+    c, h, _ = r.info["data"]["input_shape"]
+    x, _ = read_images([image], img_size=h, mode="L" if c == 1 else "RGB")
+    cls = None
+    if target is not None:
+        if target in r.classes:
+            cls = r.classes.index(target)
+        elif target.isdigit() and int(target) < len(r.classes):
+            cls = int(target)
+        else:
+            raise PupilError(f"unknown class {target!r}; the run's classes are {', '.join(r.classes)}")
+    sal, pred, prob = explain_image(r.model, x[0], method, target=cls)
+    out = out or image.with_name(f"{image.stem}_{method.replace('+', 'pp')}.png")
+    overlay_png(x[0], sal, out)
+    explained = r.classes[cls if cls is not None else pred]
+    console.print(f"predicted {r.classes[pred]} ({prob:.2%}); {method} map for {explained} written to {out}")
+
+
 @app.command("models")
 def models_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset whose input shape and classes are used for FLOPs.")] = "",
@@ -173,6 +210,36 @@ def data_show(
     console.print(f"wrote {out}")
 
 
+@data_app.command("corrupt")
+def data_corrupt(
+    name: Annotated[str, typer.Argument(help="Dataset name, image folder or CSV manifest.")],
+    out: Annotated[Path, typer.Option(help="Folder for the tree <corruption>/<severity>/<class>/<index>.png.")],
+    split: Annotated[str, typer.Option(help="train, test or all.")] = "test",
+    corruptions: Annotated[str, typer.Option(help="Comma-separated corruption names, or all.")] = "all",
+    severities: Annotated[str, typer.Option(help="Comma-separated severities 1-5.")] = "1,2,3,4,5",
+    n: Annotated[int, typer.Option(help="Only the first N images (0: all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random corruptions.")] = 0,
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+) -> None:
+    """Write an ImageNet-C style copy of a dataset: every corruption at every severity (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pupil.data import load
+    from pupil.data.corruptions import parse_names, parse_severities, write_corrupted_tree
+
+    names, levels = parse_names(corruptions), parse_severities(severities)
+    ds = load(name, split, data_dir=data_dir)
+    if n:
+        ds = ds.subset(list(range(min(n, len(ds)))))
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=console) as bar:
+        task = bar.add_task(f"corrupt {len(ds):,} images", total=len(names) * len(levels))
+        root = write_corrupted_tree(
+            ds, out, names, levels, seed=seed, on_done=lambda c, s: bar.update(task, advance=1, description=f"{c} {s}")
+        )
+    console.print(f"wrote {len(names)} corruptions x {len(levels)} severities of {len(ds):,} images under {root}")
+
+
 @app.command("audit")
 def audit_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
@@ -185,6 +252,16 @@ def audit_cmd(
     ] = None,
     thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
+    ood: Annotated[
+        str | None, typer.Option(help="Extra OOD sets (ood check): dataset names, folders or CSVs, comma-separated.")
+    ] = None,
+    groups: Annotated[str | None, typer.Option(help="Manifest column the fairness check groups by.")] = None,
+    members: Annotated[
+        str | None, typer.Option(help="Other run directories that form a deep ensemble with RUN (uncertainty check).")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Baseline run (audited with the corruption check) for mCE and relative mCE.")
+    ] = None,
 ) -> None:
     """Audit a run: write <run>/results.json, then render report.html and model_card.md from it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -197,6 +274,16 @@ def audit_cmd(
     load_thresholds(thresholds)  # a bad file fails before the audit, not after
     names = [c.strip() for c in checks.split(",") if c.strip()] or None
     settings = _parse_settings(setting or [])
+    shortcuts = {"ood": ("ood", "extra"), "groups": ("fairness", "groups"), "members": ("uncertainty", "members")}
+    shortcuts["baseline"] = ("corruption", "baseline")
+    given = {"ood": ood, "groups": groups, "members": members, "baseline": baseline}
+    for flag, value in given.items():
+        if value is None:
+            continue
+        check, field = shortcuts[flag]
+        if names is not None and check not in names:
+            raise PupilError(f"--{flag} is a setting of the {check} check, which --checks leaves out")
+        settings.setdefault(check, {})[field] = value
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         tasks = {}
 

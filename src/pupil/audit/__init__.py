@@ -7,10 +7,11 @@ from pupil.audit import (  # noqa: F401  (registers the checks)
     certify,
     efficiency,
     energy,
+    explain,
     ood,
 )
 from pupil.audit.common import CHECKS, AuditContext, Check, run_audit
 
-DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify", "ood"]
+DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify", "ood", "explain"]
 
 __all__ = ["CHECKS", "DEFAULT_CHECKS", "AuditContext", "Check", "run_audit"]

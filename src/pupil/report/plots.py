@@ -197,6 +197,41 @@ def score_histograms(hists: dict[str, Any]) -> str:
     return to_uri(fig)
 
 
+def faithfulness_curves(curves: dict[str, Any]) -> str:
+    """Mean deletion (left) and insertion (right) curves, one line per method."""
+    x = curves["fraction"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for i, (method, ys) in enumerate(curves[kind].items()):
+            ax.plot(x, ys, label=method, color=PALETTE[i % len(PALETTE)], lw=1.4)
+        ax.set(xlabel=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}", ylabel="probability")
+        ax.set(title=f"{kind} ({'lower' if kind == 'deletion' else 'higher'} area is more faithful)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def saliency_examples(ex: dict[str, Any]) -> str:
+    """Each example image beside its saliency map overlaid (the best method's)."""
+    import numpy as np
+
+    items = ex["items"]
+    fig, axes = plt.subplots(2, len(items), figsize=(1.6 * len(items), 3.5), squeeze=False)
+    for j, it in enumerate(items):
+        img = np.asarray(it["image"], dtype=np.uint8)
+        grey = img.ndim == 2
+        axes[0][j].imshow(img, cmap="gray" if grey else None, interpolation="nearest")
+        axes[0][j].set_title(f"{'✓' if it['correct'] else '✗'} {it['pred']}\n(true {it['true']})", fontsize=6)
+        axes[1][j].imshow(img, cmap="gray" if grey else None, interpolation="nearest")
+        axes[1][j].imshow(np.asarray(it["saliency"]), cmap="inferno", alpha=0.55, interpolation="bilinear")
+        axes[0][j].axis("off")
+        axes[1][j].axis("off")
+    fig.suptitle(f"{ex['method']}: top row prediction, bottom row saliency", fontsize=8)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
 FIGURES = {
     "accuracy": [
         ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
@@ -221,6 +256,13 @@ FIGURES = {
             "Score histograms: in-distribution test images against each OOD set (the end bins are open-ended)",
             lambda s: score_histograms(s["curves"]["histograms"]),
         )
+    ],
+    "explain": [
+        ("Deletion and insertion curves (mean over the explained images)", lambda s: faithfulness_curves(s["curves"])),
+        (
+            "Saliency of the most faithful method on correct and wrong predictions",
+            lambda s: saliency_examples(s["curves"]["examples"]),
+        ),
     ],
     "certify": [
         (
