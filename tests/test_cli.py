@@ -76,3 +76,43 @@ def test_predict_prints_top_labels_for_image_files(tmp_path, capsys):
     assert lines[0].endswith("x.png") and len(lines) == 3 and lines[1].strip().startswith("class")
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert main(["predict", str(tmp_path / "synthetic"), str(tmp_path / "bad.png")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    recipe = str(ROOT / "recipes/smoke/synthetic.yaml")
+    assert main(["train", recipe, "--out", str(out), "--epochs", "1", "--no-progress", "--name", "t"]) == 0
+    return out / "t"
+
+
+def _image(path, size=(16, 16)):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8), "L").save(path)
+    return path
+
+
+def test_explain_writes_an_overlay(tiny_run, tmp_path, capsys):
+    img, out = _image(tmp_path / "x.png"), tmp_path / "overlay.png"
+    assert main(["explain", str(tiny_run), str(img), "--out", str(out), "--device", "cpu", "--target", "class1"]) == 0
+    assert out.stat().st_size > 1000 and "map for class1" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["explain", str(tiny_run), str(img), "--method", "magic"]) == 2
+    assert "unknown explanation method" in capsys.readouterr().err
+    assert main(["explain", str(tiny_run), str(img), "--target", "class99"]) == 2
+
+
+def test_data_corrupt_writes_an_imagenet_c_tree(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["data", "corrupt", "synthetic", "--out", str(out), "--n", "6", "--corruptions", "fog,glass_blur"]
+    assert main([*argv, "--severities", "1,5"]) == 0
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 2 * 2 * 6 and {p.parts[-4] for p in pngs} == {"fog", "glass_blur"}
+    assert main(["data", "corrupt", "synthetic", "--out", str(out), "--corruptions", "rain"]) == 2
+    assert "unknown corruption 'rain'" in capsys.readouterr().err
+
+
+def test_audit_shortcut_flags_need_their_check(tiny_run, capsys):
+    assert main(["audit", str(tiny_run), "--checks", "accuracy", "--ood", "mnist-5k"]) == 2
+    assert "--ood is a setting of the ood check" in capsys.readouterr().err
