@@ -8,10 +8,23 @@ from pupil.audit import (  # noqa: F401  (registers the checks)
     efficiency,
     energy,
     explain,
+    fairness,
     ood,
+    uncertainty,
 )
 from pupil.audit.common import CHECKS, AuditContext, Check, run_audit
 
-DEFAULT_CHECKS = ["accuracy", "calibration", "efficiency", "energy", "adversarial", "certify", "ood", "explain"]
+DEFAULT_CHECKS = [
+    "accuracy",
+    "calibration",
+    "efficiency",
+    "energy",
+    "adversarial",
+    "certify",
+    "ood",
+    "uncertainty",
+    "explain",
+    "fairness",
+]
 
 __all__ = ["CHECKS", "DEFAULT_CHECKS", "AuditContext", "Check", "run_audit"]

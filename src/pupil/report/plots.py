@@ -232,6 +232,62 @@ def saliency_examples(ex: dict[str, Any]) -> str:
     return to_uri(fig)
 
 
+def risk_coverage(curves: dict[str, Any]) -> str:
+    fig, ax = plt.subplots(figsize=(5.6, 3.5))
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(c["coverage"], c["risk"], label=name, color=PALETTE[i % len(PALETTE)], lw=1.4)
+    ax.set(xlabel="coverage (fraction of cases the model answers)", ylabel="risk (error rate among them)", xlim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def entropy_histograms(curves: dict[str, Any]) -> str:
+    names = list(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        h = curves[name]
+        for key, color in (("correct", ACCENT), ("wrong", "#dc2626")):
+            total = max(sum(h[key]), 1)
+            ax.stairs([c / total for c in h[key]], h["edges"], color=color, lw=1.4, label=key)
+        ax.set(title=name, xlabel="predictive entropy (nats)", ylabel="fraction")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def group_bars(g: dict[str, Any]) -> str:
+    """Accuracy per group with its bootstrap interval; group sizes under the bars."""
+    names = [str(x) for x in g["groups"]]
+    acc = g["accuracy"]
+    lo = [a - ci[0] if ci else 0 for a, ci in zip(acc, g["accuracy_ci95"])]
+    hi = [ci[1] - a if ci else 0 for a, ci in zip(acc, g["accuracy_ci95"])]
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.7 * len(names), 11), 3.2))
+    ax.bar(range(len(names)), acc, yerr=[lo, hi], color=ACCENT, capsize=3)
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={c:,})" for n, c in zip(names, g["count"])], fontsize=7)
+    ax.set(ylabel="accuracy", ylim=(max(0, min(acc) - 0.15), 1), title=f"{g['attribute']} ({g['kind']})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def slice_examples(slices: list[dict[str, Any]]) -> str:
+    import numpy as np
+
+    rows, titles = [], []
+    for s in slices:
+        imgs = [np.asarray(im, dtype=np.uint8) for im in s["images"]]
+        rows.append([im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0) for im in imgs])
+        titles.append(
+            [
+                f"slice {s['slice']} acc {s['accuracy']:.0%}\n{t} → {p}" if j == 0 else f"{t} → {p}"
+                for j, (t, p) in enumerate(zip(s["true"], s["pred"]))
+            ]
+        )
+    return image_grid(rows, titles)
+
+
 FIGURES = {
     "accuracy": [
         ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
@@ -262,6 +318,23 @@ FIGURES = {
         (
             "Saliency of the most faithful method on correct and wrong predictions",
             lambda s: saliency_examples(s["curves"]["examples"]),
+        ),
+    ],
+    "uncertainty": [
+        (
+            "Risk against coverage (selective prediction) per source",
+            lambda s: risk_coverage(s["curves"]["risk_coverage"]),
+        ),
+        (
+            "Predictive entropy of correct and wrong predictions",
+            lambda s: entropy_histograms(s["curves"]["entropy_histogram"]),
+        ),
+    ],
+    "fairness": [
+        ("Accuracy per group with 95% bootstrap intervals", lambda s: group_bars(s["curves"]["groups"])),
+        (
+            "The worst discovered slices: samples (true → predicted)",
+            lambda s: slice_examples(s["curves"]["slice_examples"]),
         ),
     ],
     "certify": [
