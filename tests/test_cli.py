@@ -116,3 +116,17 @@ def test_data_corrupt_writes_an_imagenet_c_tree(tmp_path, capsys):
 def test_audit_shortcut_flags_need_their_check(tiny_run, capsys):
     assert main(["audit", str(tiny_run), "--checks", "accuracy", "--ood", "mnist-5k"]) == 2
     assert "--ood is a setting of the ood check" in capsys.readouterr().err
+
+
+def test_predict_defers_below_a_confidence_or_ood_score(tiny_run, tmp_path, capsys):
+    img = _image(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run), str(img), "--defer-below", "1.0", "--device", "cpu"]) == 0
+    assert "deferred (confidence" in capsys.readouterr().out
+    assert main(["predict", str(tiny_run), str(img), "--defer-below", "0", "--device", "cpu"]) == 2
+    assert main(["predict", str(tiny_run), str(img), "--ood-below", "1e9", "--ood-score", "max_logit"]) == 0
+    assert "looks out of distribution" in capsys.readouterr().out
+    assert main(["predict", str(tiny_run), str(img), "--ood-below", "0", "--ood-score", "knn"]) == 2
+    assert "cannot be computed per image" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(img), "--defer-below", "auto"]) == 2
+    assert "needs an audit" in capsys.readouterr().err

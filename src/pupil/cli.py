@@ -23,7 +23,7 @@ from pupil.errors import PupilError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)  # long lines stay whole when piped (no hard wrap at 80 columns)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 
@@ -67,9 +67,24 @@ def predict_cmd(
     ],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top: Annotated[int, typer.Option(help="How many labels to print per image.")] = 5,
+    defer_below: Annotated[
+        str | None,
+        typer.Option(
+            help="Defer to a human below this confidence; 'auto': the threshold the uncertainty audit fitted."
+        ),
+    ] = None,
+    ood_score: Annotated[
+        str, typer.Option(help="OOD score for --ood-below: msp, max_logit, energy or odin.")
+    ] = "energy",
+    ood_below: Annotated[
+        float | None, typer.Option(help="Defer when the OOD score is below this (higher = more in-distribution).")
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Top-k labels with probabilities for image files, resized and converted to the run's input."""
+    """Top-k labels with probabilities for image files, resized and converted to the run's input.
+
+    With --defer-below or --ood-below an image the model should not decide alone is reported as deferred.
+    """
     import torch
 
     from pupil.data.datasets import read_images
@@ -85,15 +100,54 @@ def predict_cmd(
         r = load_run(run, device=dev)
         model, classes = r.model, r.classes
         c, h, _ = r.info["data"]["input_shape"]
+    threshold = _deferral_threshold(run, defer_below)
     x, _ = read_images(images, img_size=h, mode="L" if c == 1 else "RGB")
+    x = x.float().div(255).to(dev)
     with torch.inference_mode():
-        probs = model(x.float().div(255).to(dev)).softmax(1).cpu()
+        probs = model(x).softmax(1).cpu()
+    ood = None
+    if ood_below is not None:
+        from pupil.audit.ood import score_images
+
+        ood = score_images(model, x, ood_score).cpu()
     k = min(top, probs.shape[1])
-    for path, p in zip(images, probs):
+    for j, (path, p) in enumerate(zip(images, probs)):
         values, idx = p.topk(k)
-        console.print(f"[bold]{path}[/]")
+        reasons = []
+        if threshold is not None and values[0] < threshold:
+            reasons.append(f"confidence {values[0]:.2%} < {threshold:.2%}")
+        if ood is not None and ood[j] < ood_below:
+            reasons.append(f"{ood_score} score {ood[j]:.4g} < {ood_below:g} (looks out of distribution)")
+        console.print(f"[bold]{path}[/]" + (f": [bold yellow]deferred[/] ({'; '.join(reasons)})" if reasons else ""))
         for v, i in zip(values.tolist(), idx.tolist()):
             console.print(f"  {classes[i]:<24s} {v:7.2%}")
+
+
+def _deferral_threshold(run: str, value: str | None) -> float | None:
+    """--defer-below as a confidence in (0, 1), or 'auto': the softmax threshold the uncertainty audit fitted."""
+    if value is None:
+        return None
+    if value == "auto":
+        from pupil.io import read_json
+
+        results = read_json(Path(run) / "results.json", f"--defer-below auto needs an audit: run pupil audit {run}")
+        try:
+            m = results["checks"]["uncertainty"]["metrics"]
+            t = m["sources"]["softmax"]["deferral"]["threshold"]
+        except KeyError:
+            raise PupilError(f"--defer-below auto: {run}/results.json has no uncertainty section") from None
+        if t is None:
+            raise PupilError(
+                f"the audit found no confidence threshold that reaches {m['target_accuracy']:.0%} accuracy"
+            )
+        return float(t)
+    try:
+        t = float(value)
+    except ValueError:
+        raise PupilError(f"--defer-below takes a confidence between 0 and 1 or 'auto', not {value!r}") from None
+    if not 0 < t <= 1:
+        raise PupilError(f"--defer-below takes a confidence between 0 and 1, not {t}")
+    return t
 
 
 @app.command("explain")
