@@ -81,6 +81,41 @@ def distill_fmnist(data: dict) -> str:
     return "\n".join(lines)
 
 
+def corruptions(data: dict) -> str:
+    sizes = data["sizes"]
+    lines = [
+        f"Time per image and severity for each corruption (mean over the 5 severities; the whole suite is all 19 × 5 "
+        f"per image), {data['hardware']['threads']} thread; "
+        f"{data['method']}. Fidelity: the largest gap over the 5 severities between the mean PSNR (against the clean "
+        "image) of pupil's corrupted images and the reference's.",
+        "",
+        "| corruption | "
+        + " | ".join(f"{k}×{k}: pupil | reference | speed-up" for k in sizes)
+        + " | max ΔPSNR (32×32) |",
+        "| --- |" + " ---: | ---: | ---: |" * len(sizes) + " ---: |",
+    ]
+    first = next(iter(sizes.values()))["per_corruption"]
+    for name in first:
+        cells = []
+        for v in sizes.values():
+            c = v["per_corruption"][name]
+            ours, ref = c["s_per_image_pupil"] * 1e3, c["s_per_image_reference"] * 1e3
+            cells.append(f"{ours:.2f} ms | {ref:.1f} ms | {c['speedup']:.0f}×")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first[name]['max_abs_delta_db']:.2f} dB |")
+    total = []
+    for v in sizes.values():
+        total.append(
+            f"{v['suite_s_per_image_pupil'] * 1e3:.1f} ms | {v['suite_s_per_image_reference'] * 1e3:.0f} ms "
+            f"| **{v['overall_speedup']:.0f}×**"
+        )
+    lines.append("| **whole suite** | " + " | ".join(total) + " | |")
+    goals = "; ".join(
+        f"{k}×{k}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in v["goals_met"].items())
+        for k, v in sizes.items()
+    )
+    return "\n".join([*lines, "", f"Goals: {goals}."])
+
+
 def explain(data: dict) -> str:
     lines = [
         f"Deletion and insertion areas ({data['results'][0]['steps']} steps, zero baseline, Grad-CAM maps) for "
@@ -146,6 +181,7 @@ TABLES = {
     "journey": journey,
     "distill_fmnist": distill_fmnist,
     "explain": explain,
+    "corruptions": corruptions,
     "robust_fmnist": robust_fmnist,
     "finetune_fmnist": finetune_fmnist,
 }

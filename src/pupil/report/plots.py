@@ -140,11 +140,11 @@ def line_curves(x: list[float], series: dict[str, list[float]], xlabel: str, yla
 
 
 def decode_png(uri: str):
-    """A ``data:image/png;base64,...`` string as a numpy array."""
+    """A PNG as base64 (optionally a ``data:image/png;base64,`` URI) as a numpy array."""
     import numpy as np
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[-1]))))
 
 
 def image_grid(rows: list[list[Any]], titles: list[list[str]], col_titles: list[str] | None = None) -> str:
@@ -288,6 +288,29 @@ def slice_examples(slices: list[dict[str, Any]]) -> str:
     return image_grid(rows, titles)
 
 
+def corruption_lines(c: dict[str, Any]) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, acc) in enumerate(c["series"].items()):
+        ax.plot(c["severities"], acc, marker="o", ms=2.5, lw=1.1, color=cmap(i % 20), label=name)
+    ax.axhline(c["clean"], ls="--", color=INK, lw=1)
+    ax.set(xlabel="severity", ylabel="accuracy", ylim=(0, 1.02), xticks=c["severities"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def corruption_examples(ex: dict[str, Any]) -> str:
+    names = list(ex["corrupted"])
+    per_row = 7
+    images = [ex["clean"], *ex["corrupted"].values()]
+    titles = ["clean", *names]
+    rows = [images[i : i + per_row] for i in range(0, len(images), per_row)]
+    labels = [titles[i : i + per_row] for i in range(0, len(titles), per_row)]
+    return image_grid(rows, labels)
+
+
 FIGURES = {
     "accuracy": [
         ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
@@ -295,6 +318,13 @@ FIGURES = {
     ],
     "calibration": [("Reliability diagram", lambda s: reliability(s["curves"]))],
     "efficiency": [("Batch-1 latency", lambda s: latency_hist(s["curves"]))],
+    "corruption": [
+        (
+            "Accuracy against severity, one line per corruption (clean accuracy dashed)",
+            lambda s: corruption_lines(s["curves"]["accuracy_by_severity"]),
+        ),
+        ("One test image under every corruption", lambda s: corruption_examples(s["curves"]["examples"])),
+    ],
     "adversarial": [
         (
             "Robust accuracy against ε (images wrong when clean count as not robust)",

@@ -80,7 +80,7 @@ def section(name: str, s: dict[str, Any]) -> dict[str, Any]:
     for caption, draw in FIGURES.get(name, []):
         try:
             figures.append({"caption": caption, "uri": draw(s)})
-        except (KeyError, ValueError, TypeError) as e:  # a figure must not take the whole report down
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # a figure must not take the report down
             figures.append({"caption": f"{caption}: could not be drawn ({e})", "uri": ""})
     tables = []
     for tname, t in s.get("tables", {}).items():
