@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
 from pupil.errors import PupilError
 from pupil.robust.attacks import NORMS, fgsm, pgd
 
@@ -137,7 +137,7 @@ class Adversarial(Check):
         from pupil.training.loop import to_input
 
         model = ctx.model.eval()
-        idx = _subset(len(ctx.test), cfg.n, ctx.seed)
+        idx = subset_indices(len(ctx.test), cfg.n, ctx.seed)
         x = to_input(ctx.test.images[idx], ctx.device, False)  # (n, C, H, W) in [0, 1]
         y = ctx.targets("test")[idx].to(ctx.device)
         correct = ctx.logits("test")[idx].argmax(1).to(ctx.device) == y
@@ -220,13 +220,6 @@ class Adversarial(Check):
             },
             "notes": notes,
         }
-
-
-def _subset(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of n indices (all when n >= total), in ascending order."""
-    if n >= total:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def _reference_eps(eps_list: list[float], norm: str) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
 from pupil.errors import PupilError
 from pupil.robust.smoothing import ABSTAIN, certify_batch, max_radius
 
@@ -69,7 +69,7 @@ class Certify(Check):
         from pupil.training.loop import autocast, to_input
 
         model = ctx.model.eval()
-        idx = _subset(len(ctx.test), cfg.images, ctx.seed)
+        idx = subset_indices(len(ctx.test), cfg.images, ctx.seed)
         y = ctx.targets("test")[idx]
         gen = torch.Generator(ctx.device).manual_seed(ctx.seed)
         labels, radius = [], []
@@ -122,13 +122,6 @@ class Certify(Check):
             },
             "notes": notes,
         }
-
-
-def _subset(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of n indices (all when n >= total), in ascending order."""
-    if n >= total:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def _training_notes(train: dict, sigma: float) -> list[str]:

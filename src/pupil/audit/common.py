@@ -97,6 +97,13 @@ def table(columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     return {"columns": columns, "rows": rows}
 
 
+def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of n indices (all when n >= total), in ascending order."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def headline(label: str, value: float, higher_is_better: bool, unit: str = "", ci: list[float] | None = None) -> dict:
     out = {"label": label, "value": value, "higher_is_better": higher_is_better, "unit": unit}
     if ci is not None:
