@@ -191,12 +191,25 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
             f"Temperature scaling (T = {cm['temperature']:.3f}, fitted on the validation split) moves ECE "
             f"from {cm['before']['ece']:.4f} to {cm['after']['ece']:.4f}."
         )
+    lines += ["", "## Ethical considerations", ""]
+    fair = checks.get("fairness", {}).get("metrics", {})
+    if fair.get("attribute_kind") == "column":
+        h = checks["fairness"]["headline"]
+        lines.append(
+            f"- Groups by `{fair['attribute']}`: {h['label']} {fmt(h['value'], h.get('unit', ''))} "
+            "(see the report's fairness section for every metric, gap and interval)."
+        )
+    else:
+        lines.append(
+            "- The evaluation data carries no demographic attributes, so nothing here says how the model treats "
+            "groups of people"
+            + (
+                "; the fairness section compares a declared image property or discovered slices only."
+                if fair
+                else "; a fairness audit (`--checks fairness --groups COLUMN`) needs data that records them."
+            )
+        )
     lines += [
-        "",
-        "## Ethical considerations",
-        "",
-        "- The evaluation data carries no demographic attributes, so nothing here says how the model treats "
-        "groups of people; a fairness audit needs data that records them.",
         "- Energy figures are estimates from codecarbon's power model (see the report's energy section).",
         "",
         "## Caveats and recommendations",
