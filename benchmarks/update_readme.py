@@ -53,8 +53,9 @@ def audit_core(data: dict) -> str:
 def journey(data: dict) -> str:
     lines = [
         f"Each family's representative size trained on Fashion-MNIST for {data['minutes_per_model']:g} minute(s) of "
-        f"training ({data['threads']} CPU threads, fp32){'' if data['complete'] else ' — INCOMPLETE run'}; "
-        "latency and throughput measured after training on the same machine.",
+        f"training ({data['threads']} CPU thread(s), fp32){'' if data['complete'] else ' — INCOMPLETE run'}; "
+        "latency and throughput measured after training on the same machine"
+        + (f" ({data['note']})." if data.get("note") else "."),
         "",
         "| family | year | model | params | FLOPs | test top-1 | train img/s | latency b=1 | img/s b=256 |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
