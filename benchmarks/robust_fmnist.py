@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pupil.audit import CHECKS
-from pupil.audit.common import make_context
+from pupil.audit.common import AuditContext, make_context
 from pupil.io import write_json
 from pupil.robust import pgd
 from pupil.training.loop import evaluate, setup_threads
@@ -24,8 +24,7 @@ from pupil.training.loop import evaluate, setup_threads
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_check(run: Path, name: str, settings: dict) -> dict:
-    ctx = make_context(run, "auto", "full", seed=0)
+def run_check(ctx: AuditContext, name: str, settings: dict) -> dict:
     check = CHECKS.get(name)()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -34,11 +33,10 @@ def run_check(run: Path, name: str, settings: dict) -> dict:
     return out
 
 
-def pgd_side_by_side(run: Path, eps: float, steps: int, n: int) -> dict:
+def pgd_side_by_side(ctx: AuditContext, eps: float, steps: int, n: int) -> dict:
     """Robust accuracy under PGD (L-inf, random start) from pupil and from torchattacks on the same images."""
     import torchattacks
 
-    ctx = make_context(run, "auto", "full", seed=0)
     model = ctx.model.eval()
     idx = torch.randperm(len(ctx.test), generator=torch.Generator().manual_seed(0))[:n]
     x, y = ctx.test.images[idx].float().div(255).to(ctx.device), ctx.test.targets[idx].to(ctx.device)
@@ -79,11 +77,11 @@ def main() -> None:
         row = {"run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
         row["task"] = ctx.run.info["config"]["train"]["task"]
         row["clean_top1"] = evaluate(ctx.model, ctx.test)["top1"]
-        adv = run_check(run, "adversarial", attack)
+        adv = run_check(ctx, "adversarial", attack)
         row["adversarial"] = {k: adv["metrics"][k] for k in ("epsilons", "fgsm_accuracy", "pgd_accuracy", "sanity")}
-        row["pgd_eps0.1"] = pgd_side_by_side(run, 0.1, 20, args.n_attack)
+        row["pgd_eps0.1"] = pgd_side_by_side(ctx, 0.1, 20, args.n_attack)
         if label != "adversarial":
-            cert = run_check(run, "certify", certify)
+            cert = run_check(ctx, "certify", certify)
             row["certify"] = {
                 k: cert["metrics"][k]
                 for k in ("certified_accuracy", "abstention_rate", "seconds_per_image", "max_certifiable_radius")
