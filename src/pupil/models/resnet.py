@@ -132,8 +132,11 @@ for _name, _cfg in SIZES.items():
 
 # ResNeXt (Xie, Girshick, Dollar, Tu & He, "Aggregated Residual Transformations for Deep Neural Networks",
 # CVPR 2017): the same network with grouped-convolution bottlenecks; "29" is the paper's CIFAR depth
-# (3 stages x 3 blocks x 3 layers + 2), "4x32d" is cardinality x bottleneck width.
+# (3 stages x 3 blocks x 3 layers + 2), "4x32d" is cardinality x bottleneck width. resnext29_4x8d keeps that
+# layout at a quarter of the stage widths (8/16/32 planes): 0.28 M parameters and 66 MFLOPs at 28x28, the
+# budget of resnet20 (0.27 M, 62 MFLOPs), so the two make the paper's equal-complexity comparison.
 RESNEXT_SIZES = {
+    "resnext29_4x8d": dict(depths=(3, 3, 3), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=64),
     "resnext29_4x32d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=4, base_width=32),
     "resnext29_8x16d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=8, base_width=16),
     "resnext_tiny": dict(depths=(1, 1, 1), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=16),
