@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 
@@ -151,3 +152,67 @@ def test_distillation_task_losses_match_their_definitions():
 def test_distill_without_teacher_is_a_clear_error(tmp_path, smoke_recipe):
     with pytest.raises(PupilError, match="needs --teacher"):
         fit(smoke(tmp_path, smoke_recipe, "nt", task="distill"), progress=False)
+
+
+def test_precise_bn_matches_torch_update_bn(tmp_path, smoke_recipe):
+    from torch.optim.swa_utils import update_bn
+
+    from pupil.training.loop import to_input
+
+    run = fit(smoke(tmp_path, smoke_recipe, "pbn", precise_bn=3), progress=False)
+    rows = read_jsonl(run.dir / "metrics.jsonl")
+    assert rows[-1]["precise_bn_images"] == 3 * 64 and "val_top1" in rows[-1]
+    assert run.summary()["last"]["precise_bn_images"] == 3 * 64
+    # The reference: torch's own BN-statistics update over the same seeded sample of un-augmented images.
+    train = pupil.data.load("synthetic", "train", val_size=64, seed=0)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: 3 * 64]
+    model = copy.deepcopy(run.model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(7.0)  # whatever was there must not matter
+    update_bn([to_input(train.images[c], torch.device("cpu"), False) for c in idx.split(64)], model)
+    ours = dict(run.model.named_buffers())
+    for name, buf in model.named_buffers():
+        if "running" in name:
+            assert torch.allclose(buf, ours[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_ctrl_c_during_precise_bn_resumes_to_the_same_weights(tmp_path, smoke_recipe, monkeypatch):
+    import pupil.training.loop as loop
+
+    straight = fit(smoke(tmp_path, smoke_recipe, "straight", precise_bn=2), progress=False)
+    real = loop.precise_bn
+
+    def interrupted(state):
+        real(state)
+        raise KeyboardInterrupt  # Ctrl-C at the precise-BN stage: the resumed run must redo it
+
+    monkeypatch.setattr(loop, "precise_bn", interrupted)
+    with pytest.raises(Interrupted):
+        fit(smoke(tmp_path, smoke_recipe, "killed", precise_bn=2), progress=False)
+    monkeypatch.setattr(loop, "precise_bn", real)
+    resumed = fit(resume=tmp_path / "killed", progress=False)
+    a, b = load_file(straight.dir / "model.safetensors"), load_file(resumed.dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(resumed.dir / "metrics.jsonl")[-1]["precise_bn_images"] == 2 * 64
+
+
+def test_precise_bn_puts_the_old_statistics_back_on_an_error(tmp_path, smoke_recipe):
+    import pupil.training.loop as loop
+
+    state = loop.build(smoke(tmp_path, smoke_recipe, "err", precise_bn=3), tmp_path / "err")
+    bns = [m for m in state["model"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = {k: v.clone() for k, v in state["model"].named_buffers()}
+    calls = []
+
+    def fail_on_second_batch(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    bns[-1].register_forward_pre_hook(fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.precise_bn(state)
+    after = dict(state["model"].named_buffers())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.momentum == 0.1 for m in bns) and state["model"].training

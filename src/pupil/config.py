@@ -146,6 +146,8 @@ class TrainConfig:
     """Evaluate (and deploy) with horizontal-flip test-time augmentation."""
     max_minutes: float = 0.0
     """Wall-clock training budget in minutes (0: none); the schedule is fitted to it from the first steps' speed."""
+    precise_bn: int = 0
+    """Batches of training images over which batch-norm statistics are recomputed after the last step (0: off)."""
     track_energy: bool = True
     """Estimate training energy and CO2-eq with codecarbon (recorded in run.json)."""
     energy_country: str = "USA"
@@ -158,6 +160,8 @@ class TrainConfig:
             raise PupilError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
         if self.adv_attack not in ("pgd", "fgsm"):
             raise PupilError(f"unknown adversarial attack {self.adv_attack!r}; choose pgd or fgsm")
+        if self.precise_bn < 0:
+            raise PupilError("precise_bn must be a non-negative number of batches")
         if self.epsilon < 0 or self.sigma < 0 or self.adv_alpha < 0 or self.adv_steps < 1:
             raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
 
