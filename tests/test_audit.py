@@ -164,3 +164,13 @@ def test_results_that_break_the_schema_are_refused(smoke_run, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(PupilError, match="checks/accuracy: 'headline' is a required property"):
         load_results(path)
+
+
+def test_subset_indices_are_seeded_sorted_and_cover_all_when_asked():
+    from pupil.audit.common import subset_indices
+
+    assert subset_indices(10, 0, seed=1).tolist() == list(range(10))
+    assert subset_indices(10, 25, seed=1).tolist() == list(range(10))
+    a, b = subset_indices(100, 7, seed=3), subset_indices(100, 7, seed=3)
+    assert torch.equal(a, b) and a.tolist() == sorted(set(a.tolist())) and len(a) == 7
+    assert not torch.equal(a, subset_indices(100, 7, seed=4))

@@ -98,8 +98,8 @@ def table(columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
 
 
 def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of n indices (all when n >= total), in ascending order."""
-    if n >= total:
+    """A seeded random subset of n indices (all when n is 0 or at least total), in ascending order."""
+    if not n or n >= total:
         return torch.arange(total)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
 from pupil.errors import PupilError
 
 SCORES = ("msp", "max_logit", "energy", "odin", "mahalanobis", "knn", "vim")
@@ -264,9 +264,7 @@ def convert_images(images: torch.Tensor, shape: tuple[int, int, int], chunk: int
 
 def _subset(n_total: int, n: int, seed: int) -> torch.Tensor | None:
     """A seeded random index of n of n_total items, or None when n is 0 or covers them all."""
-    if not n or n >= n_total:
-        return None
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return None if not n or n >= n_total else subset_indices(n_total, n, seed)
 
 
 def _refuse_id(name: str, id_name: str) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pupil.audit.calibration import ece
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
 
@@ -439,11 +439,8 @@ class Uncertainty(Check):
 
 def _subset(ctx: AuditContext, split: str, n: int) -> tuple[ImageDataset, torch.Tensor]:
     ds = ctx.split(split)
-    if not n or n >= len(ds):
-        return ds, torch.arange(len(ds))
-    g = torch.Generator().manual_seed(ctx.seed)
-    idx = torch.randperm(len(ds), generator=g)[:n].sort().values
-    return ds.subset(idx), idx
+    idx = subset_indices(len(ds), n, ctx.seed)
+    return (ds, idx) if len(idx) == len(ds) else (ds.subset(idx), idx)
 
 
 def _deferral(dist: dict, y: dict, fit: str, target: float) -> dict:
