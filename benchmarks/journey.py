@@ -34,7 +34,7 @@ REPRESENTATIVE = {
     "VGG": "vgg_small",
     "GoogLeNet": "googlenet_small",
     "ResNet": "resnet20",
-    "ResNeXt": "resnext29_4x32d",
+    "ResNeXt": "resnext29_4x8d",
     "DenseNet": "densenet_bc40_k12",
     "MobileNetV2": "mobilenetv2_050",
     "ShuffleNetV2": "shufflenetv2_x0_5",
@@ -67,9 +67,15 @@ def speed(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: i
 
 def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -> dict:
     over = {"model": name, "out": out, "name": name, "track_energy": False, "epochs": 50.0, "max_minutes": args.minutes}
+    # Batch-norm statistics recomputed with the final weights (a no-op for models without batch norm): a few dozen
+    # steps leave the running averages far behind the weights, and EfficientNet-B0 then scored chance in eval mode.
+    over["precise_bn"] = args.precise_bn
     if family in TRANSFORMERS:
         over.update(opt="adamw", lr=2e-3, weight_decay=0.05, sched="cosine", warmup_epochs=0.5)
     over.update(FAMILY_OVERRIDES.get(family, {}))
+    if family == "DeiT" and args.teacher:
+        # DeiT's defining idea: the distillation token learns from a convnet teacher's hard labels.
+        over.update(task="distill", teacher=str(args.teacher), distill_kind="hard")
     if args.smoke:
         over.update(dataset=args.dataset, epochs=4 * 64 / 448, batch_size=64, val_size=64, max_minutes=0.0, img_size=28)
     cfg = build(ROOT / "recipes/fmnist_fast.yaml", over)
@@ -79,6 +85,9 @@ def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -
     net = run.model.net
     secs = run.summary()["train_time_s"]
     seen = run.summary()["total_steps"] * cfg.data.batch_size
+    task = cfg.train.task
+    if task == "distill":
+        task = f"{cfg.train.distill_kind} distillation from {args.teacher}"
     return {
         "family": family,
         "model": name,
@@ -86,6 +95,8 @@ def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -
         "params": count_params(net),
         "flops": count_flops(net, (1, *shape)),
         "test_top1": evaluate(run.model, test)["top1"],
+        "task": task,
+        "precise_bn_images": run.summary()["last"].get("precise_bn_images", 0),
         "train_time_s": secs,
         "train_img_s": seen / max(secs, 1e-9),
         "latency_ms_b1": 1000 * speed(run.model, shape, 1, 5 if args.smoke else 50),
@@ -125,6 +136,20 @@ def main() -> None:
     ap.add_argument("--families", default="", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "journey.json")
     ap.add_argument("--merge", action="store_true", help="replace only these families' rows in an existing --out")
+    ap.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="run directory of a convnet teacher: DeiT then trains with hard distillation through its token",
+    )
+    ap.add_argument("--precise-bn", type=int, default=8, help="batches for the precise-BN pass (0: off)")
+    ap.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="no training: merge the rows of these JSON files (later files win per family) into --out",
+    )
     ap.add_argument("--note", default="", help="conditions of the measurement, kept in the JSON (e.g. pinned core)")
     args = ap.parse_args()
     threads = setup_threads(0)
@@ -133,6 +158,9 @@ def main() -> None:
     every_family = set(families)
     if args.families:
         families = {f: None for f in args.families.split(",")}
+    if args.combine:
+        combine(args, every_family)
+        return
     kept = []
     if args.merge and args.out.exists():
         old = json.loads(args.out.read_text())
@@ -163,12 +191,29 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
+def combine(args: argparse.Namespace, every_family: set[str]) -> None:
+    """Merge measurements made in separate invocations (e.g. one per core) into one table and plot."""
+    rows: dict[str, dict] = {}
+    for path in args.combine:
+        data = json.loads(path.read_text())
+        if data["minutes_per_model"] != args.minutes:
+            minutes = data["minutes_per_model"]
+            raise SystemExit(f"{path} was measured with {minutes} minutes per model, not {args.minutes}")
+        rows.update({r["family"]: r for r in data["rows"]})
+        threads = data["threads"]
+    merged = sorted(rows.values(), key=lambda r: r["year"])
+    write_json(args.out, report(merged, args, threads, complete=set(rows) == every_family))
+    plot(merged, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} ({len(merged)} families)")
+
+
 def report(rows: list[dict], args: argparse.Namespace, threads: int, complete: bool) -> dict:
     return {
         "benchmark": "journey",
         "minutes_per_model": args.minutes,
         "threads": threads,
         "note": args.note,
+        "precise_bn_batches": args.precise_bn,
         "complete": complete,
         "rows": rows,
     }

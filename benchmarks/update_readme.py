@@ -60,12 +60,20 @@ def journey(data: dict) -> str:
         "| family | year | model | params | FLOPs | test top-1 | train img/s | latency b=1 | img/s b=256 |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    notes = []
     for r in data["rows"]:
+        mark = ""
+        if r.get("task", "classification") != "classification":
+            notes.append(f"{r['family']}: trained with {r['task']} (the other rows train on the labels alone).")
+            mark = "\\*" * len(notes)
         lines.append(
-            f"| {r['family']} | {r['year']} | `{r['model']}` | {r['params'] / 1e6:.2f} M | {r['flops'] / 1e6:.1f} M "
+            f"| {r['family']}{mark} | {r['year']} | `{r['model']}` | {r['params'] / 1e6:.2f} M "
+            f"| {r['flops'] / 1e6:.1f} M "
             f"| {r['test_top1'] * 100:.2f}% | {r['train_img_s']:.0f} | {r['latency_ms_b1']:.2f} ms "
             f"| {r['throughput_b256']:.0f} |"
         )
+    if notes:
+        lines += ["", "  \n".join("\\*" * (i + 1) + " " + n for i, n in enumerate(notes))]
     return "\n".join(lines) + "\n\n![journey](benchmarks/results/journey.png)"
 
 
