@@ -130,3 +130,16 @@ def test_predict_defers_below_a_confidence_or_ood_score(tiny_run, tmp_path, caps
     assert "cannot be computed per image" in capsys.readouterr().err
     assert main(["predict", str(tiny_run), str(img), "--defer-below", "auto"]) == 2
     assert "needs an audit" in capsys.readouterr().err
+
+
+def test_help_and_import_do_not_load_torch():
+    # `pupil --help` and `import pupil` stay fast: torch and timm load on first use of a command or attribute.
+    code = (
+        "import sys, pupil, pupil.cli; assert 'torch' not in sys.modules and 'timm' not in sys.modules; pupil.data.load"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import pupil
+
+        pupil.nope  # noqa: B018

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pupil import data, models
-from pupil.run import Run, load_run
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pupil import data, models
+    from pupil.run import Run, load_run
+
+# Loaded on first use (PEP 562), so that `import pupil` and `pupil --help` do not import torch and timm.
+_LAZY = {"data": ("pupil.data", None), "models": ("pupil.models", None), "Run": ("pupil.run", "Run")}
+_LAZY["load_run"] = ("pupil.run", "load_run")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pupil' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
 
 
 def train(recipe=None, *, resume=None, overwrite: bool = False, progress: bool = True, **overrides) -> Run:

@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pupil.errors import PupilError
+from pupil.errors import Interrupted, PupilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
@@ -491,8 +491,6 @@ def train_command() -> click.Command:
 def main(argv: list[str] | None = None) -> int:
     group = typer.main.get_command(app)
     group.add_command(train_command())
-    from pupil.training.loop import Interrupted
-
     try:
         group.main(args=argv, prog_name="pupil", standalone_mode=False)
     except Interrupted as e:

@@ -3,3 +3,7 @@
 
 class PupilError(Exception):
     """A problem the user can fix (bad input, missing data, unknown name); printed without a traceback."""
+
+
+class Interrupted(PupilError):
+    """Raised after Ctrl-C once the resume state is safely on disk (training can be resumed)."""

@@ -25,7 +25,7 @@ from torch import nn
 from pupil.config import Config, from_dict
 from pupil.data import BatchAugment, ImageDataset, load
 from pupil.data.transforms import AugmentConfig
-from pupil.errors import PupilError
+from pupil.errors import Interrupted, PupilError
 from pupil.io import append_jsonl, write_json
 from pupil.models import PixelModel, create
 from pupil.models.registry import check_name
@@ -36,10 +36,6 @@ from pupil.training.energy import add as add_energy
 from pupil.training.optim import create_optimizer
 from pupil.training.schedule import lr_factor
 from pupil.training.tasks import TASKS
-
-
-class Interrupted(PupilError):
-    """Raised after Ctrl-C once the resume state is safely on disk."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
