@@ -66,6 +66,7 @@ def speed(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: i
 
 
 def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -> dict:
+    start = time.perf_counter()
     over = {"model": name, "out": out, "name": name, "track_energy": False, "epochs": 50.0, "max_minutes": args.minutes}
     # Batch-norm statistics recomputed with the final weights (a no-op for models without batch norm): a few dozen
     # steps leave the running averages far behind the weights, and EfficientNet-B0 then scored chance in eval mode.
@@ -101,6 +102,7 @@ def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -
         "train_img_s": seen / max(secs, 1e-9),
         "latency_ms_b1": 1000 * speed(run.model, shape, 1, 5 if args.smoke else 50),
         "throughput_b256": 256 / speed(run.model, shape, 256, 1 if args.smoke else 5),
+        "wall_s": time.perf_counter() - start,  # training, validation, test evaluation and the speed measurements
     }
 
 
@@ -152,6 +154,8 @@ def main() -> None:
     )
     ap.add_argument("--note", default="", help="conditions of the measurement, kept in the JSON (e.g. pinned core)")
     args = ap.parse_args()
+    if args.teacher is not None and not (args.teacher / "run.json").is_file():
+        raise SystemExit(f"--teacher {args.teacher} is not a run directory (no run.json)")  # before hours of training
     threads = setup_threads(0)
     entries = sorted(MODELS, key=lambda e: e.meta["year"])
     families = dict.fromkeys(e.meta["family"] for e in entries)
