@@ -168,10 +168,7 @@ def main() -> None:
     kept = []
     if args.merge and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old["minutes_per_model"] != args.minutes:
-            raise SystemExit(
-                f"{args.out} was measured with {old['minutes_per_model']} minutes per model, not {args.minutes}"
-            )
+        check_protocol(args.out, old, args, threads)
         kept = [r for r in old["rows"] if r["family"] not in families]
     rows = []
     with tempfile.TemporaryDirectory() as out:
@@ -195,16 +192,27 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
+def check_protocol(path: Path, data: dict, args: argparse.Namespace, threads: int) -> None:
+    """Refuse to put rows measured under different settings into one table."""
+    theirs = {"minutes per model": data["minutes_per_model"], "threads": data["threads"]}
+    ours = {"minutes per model": args.minutes, "threads": threads}
+    if "precise_bn_batches" in data:  # absent from files written before precise BN existed
+        theirs["precise-BN batches"], ours["precise-BN batches"] = data["precise_bn_batches"], args.precise_bn
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            raise SystemExit(f"{path} was measured with {theirs[key]} {key}, not {ours[key]}")
+
+
 def combine(args: argparse.Namespace, every_family: set[str]) -> None:
     """Merge measurements made in separate invocations (e.g. one per core) into one table and plot."""
     rows: dict[str, dict] = {}
-    for path in args.combine:
-        data = json.loads(path.read_text())
-        if data["minutes_per_model"] != args.minutes:
-            minutes = data["minutes_per_model"]
-            raise SystemExit(f"{path} was measured with {minutes} minutes per model, not {args.minutes}")
+    parts = [(path, json.loads(path.read_text())) for path in args.combine]
+    threads = parts[0][1]["threads"]
+    for path, data in parts:
+        check_protocol(path, data, args, threads)
         rows.update({r["family"]: r for r in data["rows"]})
-        threads = data["threads"]
+    if not args.note:
+        args.note = "; ".join(dict.fromkeys(d["note"] for _, d in parts if d.get("note")))
     merged = sorted(rows.values(), key=lambda r: r["year"])
     write_json(args.out, report(merged, args, threads, complete=set(rows) == every_family))
     plot(merged, args.out.with_suffix(".png"))

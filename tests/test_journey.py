@@ -50,3 +50,8 @@ def test_combine_merges_separate_measurements(tmp_path):
     c = part("c.json", [], minutes=2.0)
     res = subprocess.run([sys.executable, script, "--combine", c, "--out", str(out)], capture_output=True, text=True)
     assert res.returncode != 0 and "2.0 minutes per model" in res.stderr
+    d = part("d.json", [], minutes=5.0)
+    json_d = json.loads((tmp_path / "d.json").read_text())
+    (tmp_path / "d.json").write_text(json.dumps(dict(json_d, threads=2)))
+    res = subprocess.run([sys.executable, script, "--combine", a, d, "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode != 0 and "2 threads, not 1" in res.stderr

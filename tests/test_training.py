@@ -177,24 +177,37 @@ def test_precise_bn_matches_torch_update_bn(tmp_path, smoke_recipe):
             assert torch.allclose(buf, ours[name], rtol=1e-4, atol=1e-5), name
 
 
-def test_ctrl_c_during_precise_bn_resumes_to_the_same_weights(tmp_path, smoke_recipe, monkeypatch):
+@pytest.mark.parametrize("stage", ["precise_bn", "evaluate_deployed"])
+def test_ctrl_c_during_precise_bn_resumes_to_the_same_weights(tmp_path, smoke_recipe, monkeypatch, stage):
     import pupil.training.loop as loop
 
     straight = fit(smoke(tmp_path, smoke_recipe, "straight", precise_bn=2), progress=False)
-    real = loop.precise_bn
+    real = getattr(loop, stage)
 
-    def interrupted(state):
-        real(state)
-        raise KeyboardInterrupt  # Ctrl-C at the precise-BN stage: the resumed run must redo it
+    def interrupted(state, *args):
+        out = real(state, *args)
+        if state["step"] == state["total_steps"]:  # the pass, or the validation after it (the last epoch's waits)
+            raise KeyboardInterrupt
+        return out
 
-    monkeypatch.setattr(loop, "precise_bn", interrupted)
+    monkeypatch.setattr(loop, stage, interrupted)
     with pytest.raises(Interrupted):
         fit(smoke(tmp_path, smoke_recipe, "killed", precise_bn=2), progress=False)
-    monkeypatch.setattr(loop, "precise_bn", real)
+    monkeypatch.setattr(loop, stage, real)
     resumed = fit(resume=tmp_path / "killed", progress=False)
     a, b = load_file(straight.dir / "model.safetensors"), load_file(resumed.dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_jsonl(resumed.dir / "metrics.jsonl")[-1]["precise_bn_images"] == 2 * 64
+    last = read_jsonl(resumed.dir / "metrics.jsonl")[-1]
+    assert last["precise_bn_images"] == 2 * 64 and last["val_top1"] == straight.summary()["last"]["val_top1"]
+
+
+def test_precise_bn_uses_full_batches_and_refuses_perturbed_tasks(tmp_path, smoke_recipe):
+    run = fit(smoke(tmp_path, smoke_recipe, "many", precise_bn=10_000), progress=False)
+    n_train = run.info["data"]["train_size"]
+    assert read_jsonl(run.dir / "metrics.jsonl")[-1]["precise_bn_images"] == n_train // 64 * 64
+    for task in ("noise", "adversarial"):
+        with pytest.raises(PupilError, match="clean images"):
+            smoke(tmp_path, smoke_recipe, "x", precise_bn=2, task=task)
 
 
 def test_precise_bn_puts_the_old_statistics_back_on_an_error(tmp_path, smoke_recipe):

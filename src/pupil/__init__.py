@@ -21,7 +21,13 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'pupil' has no attribute {name!r}")
     module, attr = _LAZY[name]
     value = importlib.import_module(module)
-    return value if attr is None else getattr(value, attr)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def train(recipe=None, *, resume=None, overwrite: bool = False, progress: bool = True, **overrides) -> Run:

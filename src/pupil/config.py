@@ -162,6 +162,11 @@ class TrainConfig:
             raise PupilError(f"unknown adversarial attack {self.adv_attack!r}; choose pgd or fgsm")
         if self.precise_bn < 0:
             raise PupilError("precise_bn must be a non-negative number of batches")
+        if self.precise_bn and self.task in ("noise", "adversarial"):
+            raise PupilError(
+                f"precise_bn recomputes batch-norm statistics on clean images; the {self.task} task trained them "
+                "on perturbed ones, so the two do not combine"
+            )
         if self.epsilon < 0 or self.sigma < 0 or self.adv_alpha < 0 or self.adv_steps < 1:
             raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
 

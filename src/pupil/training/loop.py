@@ -482,7 +482,7 @@ def precise_bn(state: dict[str, Any]) -> int:
         return 0
     bs = cfg.data.batch_size
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.train.seed * 7_919 + 1))
-    idx = order[: cfg.train.precise_bn * bs]
+    idx = order[: min(cfg.train.precise_bn, len(ds) // bs) * bs]  # full batches only: each has the same weight
     saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in bns]
     was_training = model.training
     model.eval()
@@ -514,7 +514,6 @@ def recompute_bn(state: dict[str, Any]) -> dict[str, Any]:
         n = precise_bn(state)
     finally:
         state["elapsed"] += time.perf_counter() - t0
-    state["bn_recomputed"] = True
     record: dict[str, Any] = {
         "epoch": math.ceil(state["step"] / state["steps_per_epoch"]),
         "step": state["step"],
@@ -526,6 +525,7 @@ def recompute_bn(state: dict[str, Any]) -> dict[str, Any]:
         record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
     append_jsonl(state["run_dir"] / "metrics.jsonl", record)
+    state["bn_recomputed"] = True  # only now: a Ctrl-C before this point redoes the pass and the validation
     save_state(state)
     return record
 
