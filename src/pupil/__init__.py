@@ -12,8 +12,12 @@ if TYPE_CHECKING:
     from pupil.run import Run, load_run
 
 # Loaded on first use (PEP 562), so that `import pupil` and `pupil --help` do not import torch and timm.
-_LAZY = {"data": ("pupil.data", None), "models": ("pupil.models", None), "Run": ("pupil.run", "Run")}
-_LAZY["load_run"] = ("pupil.run", "load_run")
+_LAZY = {
+    "data": ("pupil.data", None),
+    "models": ("pupil.models", None),
+    "Run": ("pupil.run", "Run"),
+    "load_run": ("pupil.run", "load_run"),
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -443,15 +443,22 @@ def run_epoch(state: dict[str, Any], bar: Callable[[int, dict], None], on_epoch:
     }
     # After the last step with precise BN to come, validation waits for the new statistics (recompute_bn).
     last_before_bn = state["step"] >= state["total_steps"] and precise_bn_pending(state)
-    if state["val_ds"] is not None and not last_before_bn:
-        val = evaluate_deployed(state, state["val_ds"])
-        record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-        state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
+    if not last_before_bn:
+        validate(state, record)
     if on_epoch is not None:
         on_epoch(state, record)
     append_jsonl(state["run_dir"] / "metrics.jsonl", record)
     save_state(state)
     return record
+
+
+def validate(state: dict[str, Any], record: dict[str, Any]) -> None:
+    """Add the deployed model's val_* metrics to ``record`` and track the best val top-1 (no-op without a val split)."""
+    if state["val_ds"] is None:
+        return
+    val = evaluate_deployed(state, state["val_ds"])
+    record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+    state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -520,10 +527,7 @@ def recompute_bn(state: dict[str, Any]) -> dict[str, Any]:
         "precise_bn_images": n,
         "train_time_s": round(state["elapsed"], 2),
     }
-    if state["val_ds"] is not None:
-        val = evaluate_deployed(state, state["val_ds"])
-        record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-        state["best_val"] = max(state["best_val"] or 0.0, val["top1"])
+    validate(state, record)
     append_jsonl(state["run_dir"] / "metrics.jsonl", record)
     state["bn_recomputed"] = True  # only now: a Ctrl-C before this point redoes the pass and the validation
     save_state(state)
