@@ -96,14 +96,14 @@ def test_image_folder_converts_mixed_modes_and_sizes(tmp_path):
     make_folder(tmp_path, sizes=((12, 12), (12, 12), (20, 16)), modes=("RGB", "RGB", "L"))
     ds = load(str(tmp_path), "all")
     assert ds.classes == ["cat", "dog"] and ds.shape == (3, 12, 12) and len(ds) == 10
-    assert ds.meta["conversions"] == {"converted_mode": 2, "resized": 2}
+    assert {k: v for k, v in ds.meta["conversions"].items() if v} == {"converted_mode": 2, "resized": 2}
     assert len(load(str(tmp_path), "train")) + len(load(str(tmp_path), "test")) == 10
 
 
 def test_image_folder_refuses_corrupt_images_and_empty_classes(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "dog" / "3.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(PupilError, match=r"cannot read image .*dog/3\.png"):
+    with pytest.raises(PupilError, match=r"cannot use image .*dog/3\.png: not an image"):
         load(str(tmp_path), "all")
     (tmp_path / "dog" / "3.png").unlink()
     (tmp_path / "bird").mkdir()

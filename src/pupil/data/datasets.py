@@ -11,7 +11,9 @@ and the user's own data as an image folder per class or a CSV manifest.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
+import hashlib
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pupil.data.images import read_images
 from pupil.errors import PupilError
 from pupil.registry import Registry
 
@@ -39,6 +42,7 @@ FMNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+MIN_PER_CLASS = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -194,13 +198,13 @@ def fashion_mnist(split: str, data_dir: str | Path | None = None, **_: Any) -> I
     root = Path(data_dir) if data_dir else FMNIST_DIR
     parts = {"train": ("train", 60000), "test": ("t10k", 10000)}
 
-    def one(prefix: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        def find(stem: str) -> Path:
-            for cand in (root / f"{stem}.gz", root / stem):
-                if cand.exists():
-                    return cand
-            return root / f"{stem}.gz"
+    def find(stem: str) -> Path:
+        for cand in (root / f"{stem}.gz", root / stem):
+            if cand.exists():
+                return cand
+        return root / f"{stem}.gz"
 
+    def one(prefix: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = read_idx(find(f"{prefix}-images-idx3-ubyte"), 2051, count)
         y = read_idx(find(f"{prefix}-labels-idx1-ubyte"), 2049, count)
         if x.shape[1:] != (28, 28):
@@ -214,7 +218,9 @@ def fashion_mnist(split: str, data_dir: str | Path | None = None, **_: Any) -> I
         x, y = torch.cat([a, b]), torch.cat([ya, yb])
     else:
         x, y = one(*parts[split])
-    return ImageDataset(x, y, list(FMNIST_CLASSES), {"name": "fashion-mnist", "source": str(root)})
+    files = [find(f"{p}-{kind}-ubyte") for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+    meta = {"name": "fashion-mnist", "source": str(root), "fingerprint": fingerprint(files, root)}
+    return ImageDataset(x, y, list(FMNIST_CLASSES), meta)
 
 
 def _carve(x: torch.Tensor, y: torch.Tensor, split: str, test_fraction: float):
@@ -279,93 +285,155 @@ def synthetic(
 # The user's own images
 
 
-def read_images(
-    paths: list[Path], img_size: int | None = None, mode: str | None = None
-) -> tuple[torch.Tensor, dict[str, int]]:
-    """Decode images into one uint8 tensor, converting mixed modes and sizes to the majority (or to ``mode``).
+def load_folder(
+    root: Path,
+    split: str,
+    seed: int = 0,
+    img_size: int | None = None,
+    on_bad_image: str = "fail",
+    min_per_class: int = MIN_PER_CLASS,
+    **_: Any,
+) -> ImageDataset:
+    """``root/<class>/*.png``; or ``root/train/<class>`` and ``root/test/<class>`` when those exist.
 
-    Returns the tensor and a count of what was converted. An unreadable file raises naming it.
+    Files without an image suffix are counted as ignored; hidden folders are skipped.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    pics = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                pics.append(im.copy())
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise PupilError(f"cannot read image {p}: {e}") from None
-    modes = Counter("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB" for im in pics)
-    mode = mode or modes.most_common(1)[0][0]
-    if img_size:
-        size = (img_size, img_size)
-    else:
-        size = Counter(im.size for im in pics).most_common(1)[0][0]
-    conv = {"converted_mode": 0, "resized": 0}
-    arrays = []
-    for im in pics:
-        if im.mode != mode:
-            conv["converted_mode"] += 1
-            im = im.convert(mode)
-        if im.size != size:
-            conv["resized"] += 1
-            im = im.resize(size, Image.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays)), conv
-
-
-def load_folder(root: Path, split: str, seed: int = 0, img_size: int | None = None, **_: Any) -> ImageDataset:
-    """``root/<class>/*.png``; or ``root/train/<class>`` and ``root/test/<class>`` when those exist."""
     if not root.is_dir():
         raise PupilError(f"image folder {root} does not exist")
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    bases = [root / "train", root / "test"] if has_splits else [root]
     base = root / ("test" if split == "test" else "train") if has_splits else root
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise PupilError(f"{base} holds no class folders (expected {base}/<class>/<image>)")
+    listing = {b: _list_class_folders(b) for b in bases}
+    files = listing[base][0]
     paths, labels = [], []
     for k, c in enumerate(classes):
-        files = sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        if not files.get(c):
             raise PupilError(f"class folder {base / c} holds no images")
-        paths += files
-        labels += [k] * len(files)
-    x, conv = read_images(paths, img_size)
-    y = torch.tensor(labels)
-    ds = ImageDataset(x, y, classes, {"name": str(root), "source": "image folder", "conversions": conv})
-    ds.columns["path"] = [str(p) for p in paths]
+        paths += files[c]
+        labels += [k] * len(files[c])
+    pool = [p for b in bases for fs in listing[b][0].values() for p in fs]
+    meta = {"name": str(root), "source": "image folder", "classes_from": "folder names"}
+    meta["fingerprint"] = fingerprint(pool, root)
+    meta["ignored_files"] = sum(len(listing[b][1]) for b in bases)
+    min_count = 1 if has_splits and split == "test" else min_per_class
+    ds = _decoded_dataset(paths, labels, classes, {}, img_size, on_bad_image, min_count, meta)
     if not has_splits and split != "all":
-        tr, te = stratified_split(y, 0.2, 12345)
+        tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)
     return ds
 
 
+def _list_class_folders(base: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Image files per class folder under ``base``, and the other (ignored) files."""
+    files, ignored = {}, []
+    for d in sorted(base.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        found = sorted(f for f in d.rglob("*") if f.is_file())
+        files[d.name] = [f for f in found if f.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += [f for f in found if f.suffix.lower() not in IMAGE_SUFFIXES]
+    return files, ignored
+
+
+def fingerprint(files: list[Path], root: Path, extra: bytes = b"") -> dict[str, Any]:
+    """File count and a hash of the sorted names (relative to ``root``) and sizes: cheap (no pixels are
+    read) and enough to notice a dataset that gained, lost, renamed or rewrote files."""
+    rows = []
+    for p in files:
+        try:
+            name = str(p.relative_to(root))
+        except ValueError:
+            name = str(p)
+        rows.append(f"{name}\0{p.stat().st_size if p.exists() else -1}")
+    h = hashlib.sha256(extra)
+    for row in sorted(rows):
+        h.update(row.encode() + b"\n")
+    return {"files": len(files), "sha256": h.hexdigest()[:16]}
+
+
+def _decoded_dataset(
+    paths: list[Path],
+    labels: list[int],
+    classes: list[str],
+    columns: dict[str, list],
+    img_size: int | None,
+    on_bad_image: str,
+    min_per_class: int,
+    meta: dict[str, Any],
+) -> ImageDataset:
+    """Decode ``paths``; bad files are refused or left out (``on_bad_image``) and listed in ``meta``; a class
+    left with fewer than ``min_per_class`` images is refused by name."""
+    dec = read_images(paths, img_size, on_bad=on_bad_image, hint=" (--on-bad-image skip leaves them out)")
+    y = torch.tensor([labels[i] for i in dec.kept])
+    cols = {k: [v[i] for i in dec.kept] for k, v in columns.items()} | {"path": [str(paths[i]) for i in dec.kept]}
+    counts = torch.bincount(y, minlength=len(classes)).tolist()
+    if few := [f"{c} ({n})" for c, n in zip(classes, counts) if n < min_per_class]:
+        raise PupilError(
+            f"{meta['name']}: class(es) with fewer than {min_per_class} images (--min-per-class): {', '.join(few)}"
+        )
+    meta = dict(meta, conversions=dec.conversions, bad_images=[dataclasses.asdict(b) for b in dec.bad])
+    return ImageDataset(dec.images, y, classes, meta, cols)
+
+
 def load_manifest(
-    path: Path, split: str, seed: int = 0, img_size: int | None = None, classes: list[str] | None = None, **_: Any
+    path: Path,
+    split: str,
+    seed: int = 0,
+    img_size: int | None = None,
+    classes: list[str] | None = None,
+    on_bad_image: str = "fail",
+    min_per_class: int = MIN_PER_CLASS,
+    **_: Any,
 ) -> ImageDataset:
     """A CSV with ``path,label`` and any extra columns (kept per sample in ``columns``).
 
     Relative paths are read from the manifest's folder. A ``split`` column (train/test) is honoured;
     without one a seeded 80/20 carve is used. The class list comes from ``classes``, else from a
-    ``classes.txt`` beside the manifest, else from the sorted labels; a label outside it is refused.
+    ``classes.txt`` beside the manifest, else from the sorted labels; a label outside it is refused, and so
+    is a file listed twice with two labels (a file listed twice with one label is counted once).
     """
     if not path.exists():
         raise PupilError(f"manifest {path} does not exist")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PupilError(f"manifest {path} is not a readable CSV file: {e}") from None
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise PupilError(f"manifest {path} needs a header with at least the columns path,label")
     classes_file = path.parent / "classes.txt"
+    classes_from = "given"
     if classes is None and classes_file.exists():
         classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+        classes_from = str(classes_file)
     if classes is None:
         classes = sorted({r["label"] for r in rows})
+        classes_from = "the manifest's labels"
     index = {c: k for k, c in enumerate(classes)}
+    seen: dict[Path, tuple[int, str]] = {}
+    unique, duplicates = [], 0
     for line, r in enumerate(rows, start=2):
         if r["label"] not in index:
             raise PupilError(f"{path}:{line}: label {r['label']!r} is not in the class list ({', '.join(classes)})")
+        file = (path.parent / r["path"]).resolve()
+        if file in seen:
+            first, label = seen[file]
+            if label != r["label"]:
+                raise PupilError(
+                    f"{path}:{line}: {r['path']} is listed again with label {r['label']!r}; line {first} says {label!r}"
+                )
+            duplicates += 1
+            continue
+        seen[file] = (line, r["label"])
+        unique.append(r)
+    rows = unique
+    all_paths = [path.parent / r["path"] for r in rows]
+    extra = path.read_bytes() + (classes_file.read_bytes() if classes_from == str(classes_file) else b"")
+    meta = {"name": str(path), "source": "csv manifest", "classes_from": classes_from, "duplicate_rows": duplicates}
+    meta["fingerprint"] = fingerprint(all_paths, path.parent, extra)
     if "split" in rows[0] and split != "all":
         rows = [r for r in rows if r["split"].strip().lower() == ("test" if split == "test" else "train")]
         if not rows:
@@ -373,13 +441,12 @@ def load_manifest(
     counts = Counter(r["label"] for r in rows)
     if empty := [c for c in classes if counts[c] == 0] if split in ("train", "all") else []:
         raise PupilError(f"manifest {path}: no images for class(es) {', '.join(empty)}")
-    paths = [(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
-    x, conv = read_images(paths, img_size)
-    y = torch.tensor([index[r["label"]] for r in rows])
-    extra = [k for k in rows[0] if k not in ("path", "label")]
-    cols = {k: [r[k] for r in rows] for k in extra} | {"path": [str(p) for p in paths]}
-    ds = ImageDataset(x, y, classes, {"name": str(path), "source": "csv manifest", "conversions": conv}, cols)
+    paths = [path.parent / r["path"] for r in rows]
+    labels = [index[r["label"]] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("path", "label")}
+    min_count = min_per_class if "split" not in rows[0] or split in ("train", "all") else 1
+    ds = _decoded_dataset(paths, labels, classes, columns, img_size, on_bad_image, min_count, meta)
     if "split" not in rows[0] and split != "all":
-        tr, te = stratified_split(y, 0.2, 12345)
+        tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)
     return ds
