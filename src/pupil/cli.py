@@ -87,7 +87,7 @@ def predict_cmd(
     """
     import torch
 
-    from pupil.data.datasets import read_images
+    from pupil.data.images import read_images
     from pupil.models.pretrained import PRETRAINED
     from pupil.run import load_run
     from pupil.training.loop import resolve_device
@@ -100,8 +100,10 @@ def predict_cmd(
         r = load_run(run, device=dev)
         model, classes = r.model, r.classes
         c, h, _ = r.info["data"]["input_shape"]
+    if top < 1:
+        raise PupilError(f"--top must be at least 1, not {top}")
     threshold = _deferral_threshold(run, defer_below)
-    x, _ = read_images(images, img_size=h, mode="L" if c == 1 else "RGB")
+    x = read_images(images, img_size=h, mode="L" if c == 1 else "RGB").images
     x = x.float().div(255).to(dev)
     with torch.inference_mode():
         probs = model(x).softmax(1).cpu()
@@ -164,14 +166,14 @@ def explain_cmd(
     """Explain one prediction: write the image with the method's saliency map overlaid as a PNG."""
     from pupil.audit.explain import explain_image, overlay_png
     from pupil.audit.explain import method as check_method
-    from pupil.data.datasets import read_images
+    from pupil.data.images import read_images
     from pupil.run import load_run
     from pupil.training.loop import resolve_device
 
     check_method(method)  # an unknown method fails before the model loads
     r = load_run(run, device=resolve_device(device))
     c, h, _ = r.info["data"]["input_shape"]
-    x, _ = read_images([image], img_size=h, mode="L" if c == 1 else "RGB")
+    x = read_images([image], img_size=h, mode="L" if c == 1 else "RGB").images
     cls = None
     if target is not None:
         if target in r.classes:
@@ -181,7 +183,7 @@ def explain_cmd(
         else:
             raise PupilError(f"unknown class {target!r}; the run's classes are {', '.join(r.classes)}")
     sal, pred, prob = explain_image(r.model, x[0], method, target=cls)
-    out = out or image.with_name(f"{image.stem}_{method.replace('+', 'pp')}.png")
+    out = _new_output(out, image.with_name(f"{image.stem}_{method.replace('+', 'pp')}.png"))
     overlay_png(x[0], sal, out)
     explained = r.classes[cls if cls is not None else pred]
     console.print(f"predicted {r.classes[pred]} ({prob:.2%}); {method} map for {explained} written to {out}")
@@ -245,12 +247,17 @@ def data_show(
     per_class: Annotated[int, typer.Option(help="Samples per class in the grid.")] = 8,
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset's files.")] = None,
     seed: Annotated[int, typer.Option(help="Which samples are drawn.")] = 0,
+    on_bad_image: Annotated[
+        str, typer.Option(help="fail: list every unusable image and stop; skip: list them and go on.")
+    ] = "fail",
+    min_per_class: Annotated[int, typer.Option(min=1, help="Refuse classes with fewer images than this.")] = 2,
 ) -> None:
     """Print a dataset's class counts and write a PNG grid of samples, one row per class."""
     from pupil.data import load
     from pupil.data.show import sample_grid
 
-    ds = load(name, split, data_dir=data_dir)
+    out = _new_output(out, Path(f"{Path(name).stem.replace('/', '_')}_{split}.png"))
+    ds = load(name, split, data_dir=data_dir, on_bad_image=on_bad_image, min_per_class=min_per_class)
     table = Table(title=f"{name} {split}: {len(ds)} images of {'x'.join(map(str, ds.shape))}")
     table.add_column("class")
     table.add_column("images", justify="right")
@@ -259,7 +266,14 @@ def data_show(
     console.print(table)
     if conv := {k: v for k, v in ds.meta.get("conversions", {}).items() if v}:
         console.print("converted on load: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in conv.items()))
-    out = out or Path(f"{Path(name).stem.replace('/', '_')}_{split}.png")
+    if ds.meta.get("classes_from") in ("folder names", "the manifest's labels"):
+        console.print(f"classes inferred from {ds.meta['classes_from']}")
+    for b in ds.meta.get("bad_images", []):
+        console.print(f"skipped {b['path']}: {b['reason']}", markup=False)
+    if n := ds.meta.get("ignored_files"):
+        console.print(f"ignored {n} file(s) without an image suffix")
+    if n := ds.meta.get("duplicate_rows"):
+        console.print(f"counted {n} duplicate manifest row(s) once")
     sample_grid(ds, out, per_class=per_class, seed=seed)
     console.print(f"wrote {out}")
 
@@ -322,6 +336,7 @@ def audit_cmd(
 
     from pupil.audit import run_audit
     from pupil.report.render import load_thresholds, render_run
+    from pupil.run import read_info, run_lock
     from pupil.training.loop import setup_threads
 
     setup_threads(0)
@@ -347,10 +362,19 @@ def audit_cmd(
             else:
                 bar.update(tasks[name], completed=1, description=f"audit: {name} done")
 
-        results = run_audit(
-            run, names, budget=budget, device=device, seed=seed, settings=settings, data_dir=data_dir, on_check=on_check
-        )
-    html, card = render_run(run, thresholds)
+        read_info(run)  # a missing or corrupt run fails here, before the lock
+        with run_lock(run, "auditing"):  # results.json, report.html and model_card.md change together
+            results = run_audit(
+                run,
+                names,
+                budget=budget,
+                device=device,
+                seed=seed,
+                settings=settings,
+                data_dir=data_dir,
+                on_check=on_check,
+            )
+            html, card = render_run(run, thresholds)
     _print_card(results)
     console.print(f"results: {Path(run) / 'results.json'}\nreport: {html}\nmodel card: {card}")
 
@@ -362,8 +386,11 @@ def report_cmd(
 ) -> None:
     """Re-render report.html and model_card.md from results.json alone."""
     from pupil.report.render import render_run
+    from pupil.run import read_info, run_lock
 
-    html, card = render_run(run, thresholds)
+    read_info(run)
+    with run_lock(run, "rendering the report of"):
+        html, card = render_run(run, thresholds)
     console.print(f"report: {html}\nmodel card: {card}")
 
 
@@ -425,6 +452,16 @@ def _print_card(results: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _new_output(given: Path | None, default: Path) -> Path:
+    """The output file: ``given`` as the user named it, else ``default``, which must not exist yet (a file
+    pupil chose the name of never replaces one of the user's)."""
+    if given is not None:
+        return given
+    if default.exists():
+        raise PupilError(f"{default} already exists; pass --out to name the file to write")
+    return default
+
+
 def _si(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
@@ -461,9 +498,9 @@ def _train(recipe: str | None, resume: str | None, overwrite: bool, progress: bo
     if resume:
         if recipe or overrides:
             raise PupilError("--resume continues a run with its saved config; give no recipe or flags with it")
-        run = fit(resume=resume, progress=progress)
+        run = fit(resume=resume, progress=progress, log=console.print)
     else:
-        run = fit(build(recipe, overrides), overwrite=overwrite, progress=progress)
+        run = fit(build(recipe, overrides), overwrite=overwrite, progress=progress, log=console.print)
     last = run.summary().get("last", {})
     val = f", val top-1 {last['val_top1']:.4f}" if "val_top1" in last else ""
     console.print(f"trained {run.info['model']['name']} in {run.summary().get('train_time_s', 0):.0f} s{val}")
@@ -488,9 +525,27 @@ def train_command() -> click.Command:
     )
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Exit, Abort) of every click in use: typer ships its own copy (``typer._click``, with
+    Exit and Abort in ``typer.exceptions``), whose exceptions are not the installed click's, and the train
+    command is built on the installed one."""
+    import contextlib
+    import importlib
+
+    modules = [click.exceptions]
+    for name in ("typer._click.exceptions", "typer.exceptions"):
+        with contextlib.suppress(ImportError):  # a typer that uses the installed click has neither
+            modules.append(importlib.import_module(name))
+    return tuple(
+        tuple({getattr(m, name) for m in modules if isinstance(getattr(m, name, None), type)})
+        for name in ("ClickException", "Exit", "Abort")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     group = typer.main.get_command(app)
     group.add_command(train_command())
+    click_error, click_exit, click_abort = _click_exceptions()
     try:
         group.main(args=argv, prog_name="pupil", standalone_mode=False)
     except Interrupted as e:
@@ -499,12 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     except PupilError as e:
         print(f"pupil: error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:  # --help
+    except click_exit as e:  # --help
         return e.exit_code
-    except click.exceptions.Abort:
+    except click_abort:
         print("pupil: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
+    except click_error as e:  # usage errors: the usage line, the problem, exit status 2
         e.show()
         return e.exit_code
     except KeyboardInterrupt:

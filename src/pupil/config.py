@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import typing
 from dataclasses import dataclass, field
 from functools import cache
@@ -50,12 +51,20 @@ class DataConfig:
     """Mixup alpha (timm's Mixup; 0 turns it off)."""
     cutmix: float = 0.0
     """CutMix alpha (timm's Mixup; 0 turns it off)."""
+    on_bad_image: str = "fail"
+    """fail: refuse the data and list every unreadable image; skip: leave them out and list them in the run."""
+    min_per_class: int = 2
+    """Refuse image folders and manifests with a class of fewer images than this (a typo'd label, say)."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise PupilError("batch sizes must be positive")
         if self.val_size < 0:
             raise PupilError("val_size must be >= 0")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise PupilError(f"on_bad_image must be fail or skip, not {self.on_bad_image!r}")
+        if self.min_per_class < 1:
+            raise PupilError("min_per_class must be at least 1")
 
 
 @dataclass
@@ -154,6 +163,7 @@ class TrainConfig:
     """ISO 3166 alpha-3 code of the grid used to convert energy to CO2-eq."""
 
     def __post_init__(self):
+        check_run_name(self.name)
         if self.epochs <= 0:
             raise PupilError("epochs must be positive")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -258,8 +268,33 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         return None
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PupilError(f"config field {name}: {value!r} is not a finite number")
     for t in allowed:
         origin = typing.get_origin(t) or t
         if origin is not type(None) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
             return value
     raise PupilError(f"config field {name}: {value!r} is not a {tp}")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name: no separators, no ``..``, nothing absolute, nothing hidden.
+
+    It is joined to ``--out``, and ``--overwrite`` clears the result, so ``--name ..`` or ``--name /home``
+    must never reach the file system.
+    """
+    if not name:
+        return
+    bad = (
+        "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or name.startswith((".", "~", "-"))
+        or any(ord(ch) < 32 for ch in name)
+        or Path(name).is_absolute()
+    )
+    if bad:
+        raise PupilError(
+            f"run name {name!r} must be a plain folder name (no '/', no '..', not hidden or absolute); "
+            "put the parent folder in --out"
+        )

@@ -6,7 +6,11 @@ the registry with the keyword arguments recorded in ``run.json``.
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,103 @@ from pupil.errors import PupilError
 from pupil.io import read_json
 
 REQUIRED_INFO = ("model", "data", "config", "status")
+LOCK_FILE = ".pupil.lock"
+# Everything pupil writes in a run directory; ``--overwrite`` removes these and nothing else.
+RUN_FILES = (
+    "run.json",
+    "model.safetensors",
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "results.json",
+    "report.html",
+    "model_card.md",
+    "bad_images.json",
+    LOCK_FILE,
+)
+RUN_DIRS = ("audit",)
+
+
+def is_run_file(path: Path) -> bool:
+    """Whether pupil wrote ``path`` (a direct child of a run directory), including half-written temporaries."""
+    name = path.name
+    if path.is_dir() and not path.is_symlink():
+        return name in RUN_DIRS
+    if name in RUN_FILES or (name.startswith("eval_") and name.endswith(".json")):
+        return True
+    # io.atomic_write's temporaries: ".<final name>.<random>.tmp"
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> bool:
+    """Check that ``run_dir`` may take a new run and create it; returns whether it was created now.
+
+    A folder that holds anything pupil did not write is refused, with or without ``overwrite``: pupil never
+    deletes or mixes itself into a user's files. An earlier run there needs ``overwrite``; the caller then
+    removes it with ``clear_run_files`` once it holds the run's lock.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PupilError(f"{run_dir} exists and is not a folder")
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        return True
+    entries = sorted(run_dir.iterdir())
+    if foreign := [p.name for p in entries if not is_run_file(p)]:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PupilError(
+            f"{run_dir} holds files pupil did not write ({shown}); pupil will not train into it or remove them: "
+            "choose another --name or --out"
+        )
+    if not overwrite and any(p.name in ("run.json", "checkpoint.pt") for p in entries):
+        raise PupilError(f"run directory {run_dir} exists; use --resume {run_dir}, --overwrite or --name")
+    return False
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """Remove exactly what ``is_run_file`` recognises (the lock file stays: its holder is the caller)."""
+    for p in sorted(run_dir.iterdir()):
+        if p.name == LOCK_FILE or not is_run_file(p):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a run folder that this process created and that holds nothing but pupil's lock file."""
+    if run_dir.is_dir() and all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
+@contextmanager
+def run_lock(run_dir: Path, doing: str):
+    """Hold an exclusive lock on ``run_dir`` while ``doing`` (training, auditing); a second pupil process
+    that wants the same run gets a clear error instead of racing the first one's writes. The lock is an
+    ``flock`` on ``.pupil.lock``, released by the system when a process dies, so it never goes stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (documented in the README)
+        yield
+        return
+    path = run_dir / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PupilError(f"{run_dir} is busy: {holder}; wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} is {doing} it since {time.strftime('%H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def environment() -> dict[str, str]:
@@ -59,19 +160,40 @@ class Run:
     def split(self, split: str, data_dir: str | None = None):
         """A split of the run's dataset, carved exactly as in training (same val size and seed).
 
-        Raises PupilError when the data's classes or image shape disagree with what the run was trained on.
+        ``data_dir`` points at the data on purpose: the folder of a registered dataset's files, or the image
+        folder or CSV manifest itself. Without it the data must be what the run was trained on: its
+        fingerprint (file count, names and sizes) is compared with the one in run.json.
+
+        Raises PupilError when the data changed, or its classes or image shape disagree with the run's.
         """
-        from pupil.data import load
+        from pupil.data import DATASETS, load
 
         d, cfg = self.info["data"], self.info["config"]
+        name, folder = d["dataset"], d.get("data_dir")
+        if data_dir:
+            name, folder = (name, data_dir) if name in DATASETS else (data_dir, folder)
+        elif name not in DATASETS and not Path(name).exists():
+            raise PupilError(
+                f"the run's data {name} is not there (from {Path.cwd()}); pass --data-dir with its new location"
+            )
         ds = load(
-            d["dataset"],
+            name,
             split,
-            data_dir=data_dir or d.get("data_dir"),
+            data_dir=folder,
             val_size=cfg["data"]["val_size"],
             seed=cfg["train"]["seed"],
             img_size=cfg["data"].get("img_size"),
+            on_bad_image=cfg["data"].get("on_bad_image", "fail"),
+            min_per_class=cfg["data"].get("min_per_class", 1),
         )
+        recorded, found = d.get("fingerprint"), ds.meta.get("fingerprint")
+        ds.meta["matches_training"] = None if recorded is None or found is None else recorded == found
+        if ds.meta["matches_training"] is False and not data_dir:
+            raise PupilError(
+                f"the data at {name} changed since the run was trained ({found['files']} files, fingerprint "
+                f"{found['sha256']}; run.json records {recorded['files']} files, {recorded['sha256']}); "
+                "pass --data-dir to use it anyway"
+            )
         if ds.classes != self.classes:
             raise PupilError(f"the {split} split's classes {ds.classes} do not match the run's {self.classes}")
         if list(ds.shape) != d["input_shape"]:

@@ -7,6 +7,7 @@ Both are written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise PupilError(f"no resume state at {path}: the run never finished an epoch or was not trained by pupil")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise PupilError(f"corrupt checkpoint {path}: {type(e).__name__}") from None
+        # torch's message suggests retrying with weights_only=False, which would run whatever code the file
+        # carries; pupil never does that, so the message must not suggest it either.
+        raise PupilError(
+            f"refusing to load {path}: it holds Python objects other than tensors and numbers, so pupil did "
+            "not write it (loading it could run code)"
+        ) from None
     except Exception as e:
-        raise PupilError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PupilError(f"corrupt checkpoint {path}: {first}") from None
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:

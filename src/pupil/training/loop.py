@@ -8,10 +8,12 @@ a run resumed after a kill or Ctrl-C replays exactly the batches an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
-import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,7 +31,7 @@ from pupil.errors import Interrupted, PupilError
 from pupil.io import append_jsonl, write_json
 from pupil.models import PixelModel, create
 from pupil.models.registry import check_name
-from pupil.run import Run, environment, load_run
+from pupil.run import Run, clear_run_files, environment, load_run, prepare_run_dir, remove_if_empty, run_lock
 from pupil.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
 from pupil.training.energy import EnergyMeter
 from pupil.training.energy import add as add_energy
@@ -173,8 +175,14 @@ def train_one_epoch(
         if state["on_step"] is not None:
             state["on_step"](state)
         if i % 10 == 0 or i == spe - 1:
-            rate = seen / (time.perf_counter() - t0)
-            bar(state["step"], {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "img/s": rate})
+            rate, loss = seen / (time.perf_counter() - t0), loss_sum.item() / seen
+            if not math.isfinite(loss):
+                raise PupilError(
+                    f"the training loss became {loss} by step {state['step']} (learning rate {cfg.optim.lr:g} too "
+                    "high, or non-finite inputs); the run is marked failed"
+                )
+            bar(state["step"], {"loss": loss, "acc": correct.item() / seen, "img/s": rate})
+        state["interrupt"].check()  # a Ctrl-C that arrived during the step takes effect here, between steps
     return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1), "seen": seen}
 
 
@@ -206,7 +214,14 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
     threads = setup_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     d = cfg.data
-    kw = dict(data_dir=d.data_dir, val_size=d.val_size, seed=cfg.train.seed, img_size=d.img_size)
+    kw = dict(
+        data_dir=d.data_dir,
+        val_size=d.val_size,
+        seed=cfg.train.seed,
+        img_size=d.img_size,
+        on_bad_image=d.on_bad_image,
+        min_per_class=d.min_per_class,
+    )
     train_ds = load(d.dataset, "train", **kw)
     val_ds = load(d.dataset, "val", **kw) if d.val_size else None
     c, h, w = train_ds.shape
@@ -271,6 +286,7 @@ def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "best_val": None,
         "budget_fitted": False,
         "bn_recomputed": False,
+        "interrupt": DeferredInterrupt(),
     }
 
 
@@ -337,6 +353,9 @@ def run_info(state: dict[str, Any], status: str, summary: dict[str, Any]) -> dic
             "train_size": len(ds),
             "val_size": len(state["val_ds"]) if state["val_ds"] is not None else 0,
             "conversions": ds.meta.get("conversions", {}),
+            "fingerprint": ds.meta.get("fingerprint"),
+            "classes_from": ds.meta.get("classes_from", "the dataset"),
+            "bad_images": len(ds.meta.get("bad_images", [])),
         },
         "tta": cfg.train.tta,
         "config": cfg.to_dict(),
@@ -360,66 +379,161 @@ def fit(
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
     on_epoch: Callable[[dict, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Run:
     """Train ``cfg`` into ``<out>/<name>``, or continue the run directory ``resume``.
 
     ``on_step(state)`` runs after every optimizer step and ``on_epoch(state, record)`` after every epoch
     (benchmarks use it to trace test accuracy against training time; training never looks at the test set).
+    ``log`` receives one-line notices for the user (the inferred class list, skipped images).
+
+    A run killed before its first checkpoint resumes by starting again from run.json's config. The run
+    directory is locked while training; a folder this call created is removed again if it fails before
+    writing anything.
     """
+    info = None
     if resume is not None:
         run_dir = Path(resume)
         info = load_run(run_dir, load_model=False).info
         cfg = from_dict(info["config"])
         if info["status"] == "finished":
             raise PupilError(f"run {run_dir} already finished; nothing to resume")
+        created = False
     else:
+        cfg = with_absolute_paths(cfg)
         run_dir = Path(cfg.train.out) / cfg.train.name
-        if (run_dir / "run.json").exists() or (run_dir / "checkpoint.pt").exists():
-            if not overwrite:
-                raise PupilError(f"run directory {run_dir} exists; use --resume {run_dir}, --overwrite or --name")
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        created = prepare_run_dir(run_dir, overwrite)
+    try:
+        with run_lock(run_dir, "training"):
+            if resume is None:
+                clear_run_files(run_dir)
+            return _fit(cfg, run_dir, info, progress, on_step, on_epoch, log or (lambda message: None))
+    except BaseException:
+        if created:
+            remove_if_empty(run_dir)
+        raise
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its data paths made absolute, so that run.json works from any folder."""
+    from pupil.data import DATASETS
+
+    d = cfg.data
+    dataset = d.dataset if d.dataset in DATASETS or not Path(d.dataset).exists() else str(Path(d.dataset).resolve())
+    data_dir = str(Path(d.data_dir).resolve()) if d.data_dir else None
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, dataset=dataset, data_dir=data_dir))
+
+
+def _fit(
+    cfg: Config,
+    run_dir: Path,
+    info: dict[str, Any] | None,
+    progress: bool,
+    on_step: Callable | None,
+    on_epoch: Callable | None,
+    log: Callable[[str], None],
+) -> Run:
     state = build(cfg, run_dir)
     state["on_step"] = on_step
-    if resume is not None:
+    announce_data(state, log)
+    resuming = info is not None and (run_dir / "checkpoint.pt").exists()
+    if resuming:
         restore_state(state)
     history = {"epochs": cfg.train.epochs, "total_steps": state["total_steps"]}
-    if resume is not None:
+    if resuming:
         history = dict(info.get("history") or history)
     write_json(run_dir / "run.json", run_info(state, "running", history))
     meter = EnergyMeter(cfg.train.energy_country) if cfg.train.track_energy else None
-    interrupted = False
-    with _progress(progress, state) as bar, meter or nullcontext():
-        try:
-            while state["step"] < state["total_steps"]:
-                record = run_epoch(state, bar, on_epoch)
-                history.update(
-                    last=record,
-                    best_val_top1=state["best_val"],
-                    train_time_s=round(state["elapsed"], 2),
-                    total_steps=state["total_steps"],
-                )
-                write_json(run_dir / "run.json", run_info(state, "running", history))
-        except KeyboardInterrupt:
-            interrupted = True
-        if not interrupted and precise_bn_pending(state):
+    interrupted = hard = False
+    try:
+        with _progress(progress, state) as bar, meter or nullcontext(), state["interrupt"]:
             try:
-                record = recompute_bn(state)
-                history.update(
-                    last={**history.get("last", {}), **record},
-                    best_val_top1=state["best_val"],
-                    train_time_s=round(state["elapsed"], 2),
-                )
+                while state["step"] < state["total_steps"]:
+                    state["interrupt"].check()
+                    record = run_epoch(state, bar, on_epoch)
+                    history.update(
+                        last=record,
+                        best_val_top1=state["best_val"],
+                        train_time_s=round(state["elapsed"], 2),
+                        total_steps=state["total_steps"],
+                    )
+                    write_json(run_dir / "run.json", run_info(state, "running", history))
+                state["interrupt"].check()
+                if precise_bn_pending(state):
+                    record = recompute_bn(state)
+                    history.update(
+                        last={**history.get("last", {}), **record},
+                        best_val_top1=state["best_val"],
+                        train_time_s=round(state["elapsed"], 2),
+                    )
+            except HardInterrupt:
+                interrupted = hard = True
             except KeyboardInterrupt:
                 interrupted = True
+    except Exception as e:
+        history["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        write_json(run_dir / "run.json", run_info(state, "failed", history))
+        raise
     if meter is not None:
         history["energy"] = add_energy(history.get("energy"), meter.result)
     if interrupted:
-        save_state(state)
+        if not hard:  # the step in flight has finished (DeferredInterrupt): the state is whole
+            save_state(state)
         write_json(run_dir / "run.json", run_info(state, "interrupted", history))
-        raise Interrupted(f"interrupted at step {state['step']}; continue with: pupil train --resume {run_dir}")
+        at = "the last checkpoint" if hard else f"step {state['step']}"
+        raise Interrupted(f"interrupted at {at}; continue with: pupil train --resume {run_dir}")
     write_json(run_dir / "run.json", run_info(state, "finished", history))
     return load_run(run_dir, device=state["device"])
+
+
+def announce_data(state: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Tell the user what the data loader decided on its own: an inferred class list, left-out images."""
+    ds: ImageDataset = state["train_ds"]
+    source = ds.meta.get("classes_from")
+    if source in ("folder names", "the manifest's labels"):
+        log(f"{len(ds.classes)} classes, inferred from {source}: {', '.join(ds.classes)}")
+    bad = [b for d in (ds, state["val_ds"]) if d is not None for b in d.meta.get("bad_images", [])]
+    if bad:
+        unique = {b["path"]: b for b in bad}
+        path = write_json(state["run_dir"] / "bad_images.json", list(unique.values()))
+        log(f"skipped {len(unique)} image file(s) that cannot be used; listed in {path}")
+    if ignored := ds.meta.get("ignored_files"):
+        log(f"ignored {ignored} file(s) without an image suffix in the class folders")
+
+
+class HardInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, keep the last checkpoint as it is."""
+
+
+class DeferredInterrupt:
+    """Defer SIGINT to a step boundary, so that a Ctrl-C (or ``kill -INT``) landing anywhere in a step still
+    leaves a state that resumes bit-exactly: the handler only sets a flag, and ``check()``, called between
+    steps, raises KeyboardInterrupt. A second SIGINT raises HardInterrupt at once (nothing more is saved).
+    Outside the main thread signals cannot be handled, and the default behaviour stays."""
+
+    def __init__(self):
+        self.pending, self.previous = False, None
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.pending = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise HardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def run_epoch(state: dict[str, Any], bar: Callable[[int, dict], None], on_epoch: Callable | None) -> dict[str, Any]:
@@ -501,6 +615,7 @@ def precise_bn(state: dict[str, Any]) -> int:
         for chunk in idx.split(bs):
             with autocast(device, state["dtype"]):
                 model(to_input(ds.images[chunk], device, state["channels_last"]))
+            state["interrupt"].check()
     except BaseException:
         for m, (_, buffers) in zip(bns, saved, strict=True):
             for k, v in m.named_buffers():
