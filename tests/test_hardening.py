@@ -498,3 +498,16 @@ def test_explain_and_data_show_never_replace_a_users_file(tiny_run, tmp_path, mo
 
 def test_interrupted_is_a_pupil_error_with_the_resume_command():
     assert issubclass(Interrupted, PupilError)
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"model_args": {"num_classes": 3}}, "may not set num_classes: it comes from the dataset"),
+        ({"model_args": {"drop_rate": 0.5}}, "may not set drop_rate: it comes from --drop-rate"),
+        ({"model_args": {"widths": [8]}, "pretrained": True}, "cannot change a pretrained architecture"),
+    ],
+)
+def test_model_args_cannot_shadow_what_pupil_fills_in(over, message, tmp_path):
+    with pytest.raises(PupilError, match=message):
+        build(RECIPE, {"out": str(tmp_path), **over})

@@ -1,3 +1,4 @@
+import inspect
 from collections import defaultdict
 
 import pytest
@@ -46,6 +47,56 @@ def test_unknown_models_are_user_errors():
         create("resnet999")
     with pytest.raises(PupilError, match="unknown timm model"):
         create("timm:not_a_model")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_families_take_the_loops_arguments_and_refuse_others_by_name(name):
+    from pupil.errors import PupilError
+
+    create(name, num_classes=3, in_chans=1, img_size=28, drop_rate=0.1)  # the training loop always passes it
+    with pytest.raises(PupilError, match=rf"^model {name} has no argument 'widht'; it takes .*drop_rate"):
+        create(name, num_classes=3, in_chans=1, img_size=28, widht=3)
+
+
+def test_constructor_signatures_are_the_truth():
+    for e in MODELS:
+        kinds = [p.kind for p in inspect.signature(e.obj).parameters.values()]
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, e.name
+
+
+def test_drop_path_is_refused_where_the_model_has_none():
+    from pupil.errors import PupilError
+
+    with pytest.raises(PupilError, match="^model lenet5 has no argument 'drop_path_rate'; it takes widths, drop_rate$"):
+        create("lenet5", drop_rate=0.0, drop_path_rate=0.1)
+    with pytest.raises(PupilError, match="^model shufflenetv2_tiny has no argument 'drop_path_rate'"):
+        create("shufflenetv2_tiny", drop_path_rate=0.1)
+
+
+def test_timm_model_arguments_are_checked():
+    from pupil.errors import PupilError
+
+    create("timm:resnet10t", num_classes=3, in_chans=1, img_size=32, drop_rate=0.1, drop_path_rate=0.1)
+    # resnet10t takes no img_size (retried without it), vit does: neither may turn a typo into a TypeError.
+    for name in ("timm:resnet10t", "timm:vit_tiny_patch16_224"):
+        with pytest.raises(PupilError, match=rf"^model {name} has no argument 'widht'; \w+ takes .*drop_rate"):
+            create(name, num_classes=3, in_chans=1, img_size=32, widht=3)
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay", "cache_dir"])
+def test_timm_model_arguments_never_load_files(tmp_path, key):
+    from pupil.errors import PupilError
+
+    net = create("timm:resnet10t", num_classes=3, in_chans=1, img_size=32)
+    torch.save(net.state_dict(), tmp_path / "weights.pth")
+    value = {
+        "checkpoint_path": str(tmp_path / "weights.pth"),
+        "pretrained": True,
+        "pretrained_cfg_overlay": {"file": str(tmp_path / "weights.pth")},
+        "cache_dir": str(tmp_path),
+    }[key]
+    with pytest.raises(PupilError, match=rf"^model timm:resnet10t: argument '{key}' would load files or weights"):
+        create("timm:resnet10t", num_classes=3, in_chans=1, img_size=32, **{key: value})
 
 
 def test_lenet5_matches_the_paper_parameter_count():

@@ -80,6 +80,15 @@ class ModelConfig:
     pretrained: bool = False
     """Start from ImageNet weights: timm:efficientnet_lite0 (shipped, offline) or timm:<name> (hub)."""
 
+    def __post_init__(self):
+        reserved = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "--img-size"}
+        reserved |= {"drop_rate": "--drop-rate", "drop_path_rate": "--drop-path-rate"}
+        if clash := [k for k in self.model_args if k in reserved]:
+            k = clash[0]
+            raise PupilError(f"model_args may not set {k}: it comes from {reserved[k]}")
+        if self.pretrained and self.model_args:
+            raise PupilError("model_args cannot change a pretrained architecture; drop --model-args or --pretrained")
+
 
 @dataclass
 class OptimConfig:

@@ -231,6 +231,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     if not weights.exists():
         raise PupilError(f"{run_dir} has no model.safetensors (the run never finished an epoch)")
     m, d = info["model"], info["data"]
+    if clash := {"num_classes", "in_chans", "img_size"} & set(m.get("kwargs", {})):
+        raise PupilError(f"{run_dir}/run.json: model kwargs may not set {', '.join(sorted(clash))}")
     if len(d["classes"]) != m["num_classes"]:
         raise PupilError(f"{run_dir}/run.json lists {len(d['classes'])} classes but the model has {m['num_classes']}")
     net = create(

@@ -43,7 +43,6 @@ class AlexNet(ClassifierBase):
         lrn: bool = True,
         fc_drop_rate: float = 0.5,
         drop_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         layers, cin, side = [], in_chans, img_size

@@ -141,7 +141,6 @@ class CoAtNet(ClassifierBase):
         mlp_ratio: int = 4,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         for dim, kind in zip(dims, layout, strict=True):

@@ -74,7 +74,6 @@ class ConvNeXt(ClassifierBase):
         ls_init: float = 1e-6,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         if img_size % patch_size:

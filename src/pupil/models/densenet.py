@@ -66,7 +66,6 @@ class DenseNet(ClassifierBase):
         compression: float = 0.5,
         bottleneck: int = 4,
         drop_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         cin, side = 2 * growth_rate, img_size

@@ -136,7 +136,6 @@ class EfficientNet(ClassifierBase):
         se_ratio: float = 0.25,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         # img_size is not needed to build the network (global pooling); preferred_img_size is advice to recipes.

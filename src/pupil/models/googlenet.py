@@ -77,7 +77,6 @@ class GoogLeNet(ClassifierBase):
         stages: tuple[tuple[tuple[int, ...], ...], ...] = INCEPTION_V1,
         width: float = 1.0,
         drop_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
 

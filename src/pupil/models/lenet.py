@@ -25,7 +25,6 @@ class LeNet5(ClassifierBase):
         img_size: int = 28,
         widths=(6, 16, 120, 84),
         drop_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         c1, c3, f5, f6 = widths

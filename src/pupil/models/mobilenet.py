@@ -67,7 +67,6 @@ class MobileNetV2(ClassifierBase):
         head_width: int = 1280,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         # Channels are rounded to multiples of 8 as in the paper's code (timm's make_divisible is the same rule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -10,6 +11,8 @@ from pupil.errors import PupilError
 from pupil.registry import Registry
 
 MODELS = Registry("model")
+# Filled in by ``create`` from the dataset, never from --model-args.
+DATASET_ARGS = ("num_classes", "in_chans", "img_size")
 
 
 def check_name(name: str) -> None:
@@ -26,14 +29,30 @@ def check_name(name: str) -> None:
 def create(name: str, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, **kwargs: Any) -> nn.Module:
     """Build a registered model, or any timm model as ``timm:<name>``.
 
-    Keyword arguments override the named size's defaults (``widths=(32, 64, 128)``, ``drop_rate``...).
+    Keyword arguments override the named size's defaults (``widths=(32, 64, 128)``, ``drop_rate``...); one the
+    model does not take is a PupilError naming it, so a typo in ``--model-args`` or run.json cannot pass silently.
     """
     if name.startswith("timm:"):
         from pupil.models.timm import create_timm
 
         check_name(name)
-        return create_timm(name[5:], num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+        return create_timm(name[5:], num_classes=num_classes, in_chans=in_chans, img_size=img_size, model_args=kwargs)
     entry = MODELS.entry(name)
+    takes = arguments(entry.obj)
+    if unknown := [k for k in kwargs if k not in takes]:
+        raise PupilError(f"model {name} has {no_arguments(unknown)}; it takes {', '.join(takes)}")
     args = dict(entry.meta.get("defaults", {}))
     args.update(kwargs)
     return entry.obj(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **args)
+
+
+def arguments(builder: Any) -> list[str]:
+    """The keyword arguments a model's constructor takes beyond what ``create`` fills in from the dataset."""
+    params = inspect.signature(builder).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in named and p.name not in DATASET_ARGS]
+
+
+def no_arguments(unknown: list[str]) -> str:
+    """``no argument 'widht'`` or ``no arguments 'a', 'b'``, for the refusal messages."""
+    return f"no argument{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}"

@@ -91,7 +91,6 @@ class ResNet(ClassifierBase):
         base_width: int = 64,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck, "resnext": ResNeXtBottleneck}[block]

@@ -11,9 +11,9 @@ The downsampling unit has no split: two stride-2 branches (3x3 depthwise + 1x1, 
 
 Differences for small images: the paper's stem (a 3x3 stride-2 convolution followed by a 3x3 stride-2
 max-pool) is replaced by one 3x3 stride-1 convolution. The three stages then take 28x28 to 14, 7 and 4 pixels
-(32x32 to 16, 8, 4) instead of reducing a 28x28 input to 1x1. ``drop_path_rate`` is accepted so that all
-families can be created with the same arguments, but it is ignored: the units have no additive shortcut, so
-dropping a branch would zero half of the channels instead of skipping the unit.
+(32x32 to 16, 8, 4) instead of reducing a 28x28 input to 1x1. There is no ``drop_path_rate``, and asking
+for one is an error rather than a silent no-op: the units have no additive shortcut, so dropping a branch
+would zero half of the channels instead of skipping the unit.
 """
 
 from __future__ import annotations
@@ -78,8 +78,6 @@ class ShuffleNetV2(ClassifierBase):
         stem_width: int = 24,
         head_width: int = 1024,
         drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,  # ignored; see the module docstring
-        **_,
     ):
         super().__init__()
         # 3x3 stride 1 and no max-pool (paper: 3x3/2 conv + 3x3/2 max-pool): (B, stem_width, H, W)

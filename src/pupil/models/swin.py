@@ -175,7 +175,6 @@ class Swin(ClassifierBase):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         if img_size % patch_size:

@@ -27,7 +27,6 @@ class VGG(ClassifierBase):
         img_size: int = 28,
         stages: tuple[tuple[int, ...], ...] = ((64,), (128,), (256, 256), (512, 512), (512, 512)),
         drop_rate: float = 0.0,
-        **_,
     ):
         super().__init__()
         layers, cin, side = [], in_chans, img_size

@@ -32,7 +32,6 @@ class ViT(ClassifierBase):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         distilled: bool = False,
-        **_,
     ):
         super().__init__()
         if img_size % patch_size:
