@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import pytest
 
@@ -90,3 +91,42 @@ def test_cli_audit_report_compare(audited, tmp_path, capsys):
     assert main(["audit", str(run), "--checks", "nope"]) == 2
     assert "unknown check 'nope'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
+
+
+def _unescaped_pipes(row: str) -> int:
+    """Pipes that separate Markdown table cells: those not escaped by a backslash (itself not escaped)."""
+    count, i = 0, 0
+    while i < len(row):
+        if row[i] == "\\":
+            i += 1  # the escaped character is skipped, whatever it is
+        elif row[i] == "|":
+            count += 1
+        i += 1
+    return count
+
+
+def test_model_card_escapes_user_strings(audited, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(audited[0], run)
+    hostile = ["<img src=x onerror=alert(1)>", "a|b", "line1\nline2", "[x](javascript:alert(1)) *_`"]
+    results = json.loads((run / "results.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    classes = results["run"]["classes"]
+    rename = dict(zip(classes, (hostile * len(classes))[: len(classes)], strict=True))
+    results["run"]["classes"] = [rename[c] for c in classes]
+    for row in results["checks"]["accuracy"]["tables"]["per_class"]["rows"]:
+        row[0] = rename[row[0]]
+    results["run"]["name"] = "run|<b>x</b>\nname"
+    results["run"]["dataset"] = info["data"]["dataset"] = "data|set\r\n<script>"
+    results["checks"]["accuracy"]["headline"]["label"] = "top-1 | <img src=x onerror=alert(1)> |\nnext"
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "run.json").write_text(json.dumps(info))
+
+    md = render_run(run)[1].read_text()
+    assert "<img" not in md and "<b>" not in md and "<script>" not in md
+    assert "&lt;img src=x onerror=alert(1)&gt;" in md
+    assert "line1 line2" in md and "a\\|b" in md and "\\[x\\](javascript:alert(1)) \\*\\_\\`" in md
+    assert not any(line.startswith(("line2", "name", "next", "<")) for line in md.splitlines())
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(results["checks"])  # header, rule, one row per check: no row was split
+    assert {_unescaped_pipes(row) for row in table} == {5}

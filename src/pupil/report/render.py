@@ -17,6 +17,11 @@ from pupil.report.schema import load_results
 
 HERE = Path(__file__).parent
 UNITS = {"fraction": "%", "ms": " ms", "J": " J"}
+# What a user string in the model card must not be able to start: an HTML tag or entity (as entities), and
+# Markdown's escape, code, emphasis, strikethrough, link and table-cell characters (backslash-escaped). The
+# backslash is among them so that a user's own backslash cannot cancel the escape of the character after it.
+HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+MARKDOWN_SPECIAL = frozenset("\\`*_~[]|")
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -33,6 +38,25 @@ def fmt(value: Any, unit: str = "") -> str:
             return f"{value:.3g}{UNITS.get(unit, '')}" if abs(value) < 100 else f"{value:.1f}{UNITS.get(unit, '')}"
         return f"{value:.4f}{UNITS.get(unit, '')}"
     return str(value)
+
+
+def escape_md(value: Any) -> str:
+    """``value`` as literal text on one line of Markdown, table cells included.
+
+    Class names, run and dataset names, group columns and notes come from the user's files: a class named
+    ``<img src=x onerror=alert(1)>`` must not become a tag when the card is rendered, ``a|b`` must not split a
+    table cell, and ``line1\\nline2`` must not end a table row, so line breaks and other non-printing characters
+    become spaces.
+    """
+    out = []
+    for ch in str(value):
+        if ch in HTML_ENTITIES:
+            out.append(HTML_ENTITIES[ch])
+        elif ch in MARKDOWN_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch if ch.isprintable() else " ")
+    return "".join(out)
 
 
 def load_thresholds(path: str | Path | None) -> dict[str, dict[str, float]]:
@@ -131,19 +155,25 @@ def render_html(results: dict[str, Any], thresholds: dict[str, dict[str, float]]
 
 
 def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
-    """A model card in the spirit of Mitchell et al. (2019), filled from results.json and run.json."""
+    """A model card in the spirit of Mitchell et al. (2019), filled from results.json and run.json.
+
+    Every value taken from those files goes through ``escape_md``: both are the user's to edit, and class names,
+    run, dataset and group names come from the user's data.
+    """
+    md = escape_md
     r, a, checks = results["run"], results["audit"], results["checks"]
-    lines = [f"# Model card: {r['name']}", "", "## Model details", ""]
+    lines = [f"# Model card: {md(r['name'])}", "", "## Model details", ""]
     m = r["model"]
-    lines += [f"- Architecture: `{m['name']}` ({m.get('params', '?'):,} parameters), {m['num_classes']} classes."]
+    params = fmt(m["params"]) if "params" in m else "?"
+    lines += [f"- Architecture: {md(m['name'])} ({md(params)} parameters), {md(m['num_classes'])} classes."]
     if info:
-        cfg = info.get("config", {})
+        cfg, versions = info.get("config", {}), info.get("versions", {})
         opt = cfg.get("optim", {})
         lines += [
-            f"- Trained by pupil {info.get('versions', {}).get('pupil', '?')} with torch "
-            f"{info.get('versions', {}).get('torch', '?')}: {cfg.get('train', {}).get('epochs')} epochs of "
-            f"{opt.get('opt')} (peak lr {opt.get('lr')}, {opt.get('sched')} schedule, label smoothing "
-            f"{opt.get('label_smoothing')}), seed {info.get('seed')}.",
+            f"- Trained by pupil {md(versions.get('pupil', '?'))} with torch {md(versions.get('torch', '?'))}: "
+            f"{md(cfg.get('train', {}).get('epochs'))} epochs of {md(opt.get('opt'))} (peak lr {md(opt.get('lr'))}, "
+            f"{md(opt.get('sched'))} schedule, label smoothing {md(opt.get('label_smoothing'))}), "
+            f"seed {md(info.get('seed'))}.",
             f"- Deployed with flip test-time augmentation: {'yes' if info.get('tta') else 'no'}. "
             "Inputs are pixels in [0, 1]; normalisation is inside the model.",
         ]
@@ -151,7 +181,7 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
         "",
         "## Intended use",
         "",
-        f"- Classifying {r['dataset']} images into: {', '.join(r['classes'])}.",
+        f"- Classifying {md(r['dataset'])} images into: {', '.join(md(c) for c in r['classes'])}.",
         "- A benchmark and teaching model: it was not validated for decisions about people, health or safety.",
         "- Out of scope: images unlike the training data (other domains, sizes, colour statistics); "
         "the audit's figures do not transfer to them.",
@@ -161,8 +191,8 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
     if info:
         d = info["data"]
         lines += [
-            f"- {d['dataset']}: {d['train_size']:,} training images, {d['val_size']:,} held out for validation "
-            f"(seeded, class-stratified); input {'x'.join(map(str, d['input_shape']))}."
+            f"- {md(d['dataset'])}: {md(fmt(d['train_size']))} training images, {md(fmt(d['val_size']))} held out "
+            f"for validation (seeded, class-stratified); input {md('x'.join(map(str, d['input_shape'])))}."
         ]
     else:
         lines += ["- run.json was not available."]
@@ -170,21 +200,21 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
         "",
         "## Evaluation data",
         "",
-        f"- The untouched {a['split']} split: {a['n']:,} images. "
-        f"Audit budget {a['budget']}, seed {a['seed']}, {a['device']}, {a['threads']} threads, {a['precision']}.",
+        f"- The untouched {md(a['split'])} split: {md(fmt(a['n']))} images. Audit budget {md(a['budget'])}, "
+        f"seed {md(a['seed'])}, {md(a['device'])}, {md(a['threads'])} threads, {md(a['precision'])}.",
         "",
     ]
     lines += ["## Metrics", "", "| check | figure | value | 95% interval |", "| --- | --- | ---: | --- |"]
     for s in checks.values():
         h = s["headline"]
         ci = f"{fmt(h['ci95'][0], h.get('unit', ''))} – {fmt(h['ci95'][1], h.get('unit', ''))}" if "ci95" in h else ""
-        lines.append(f"| {s['title']} | {h['label']} | {fmt(h['value'], h.get('unit', ''))} | {ci} |")
+        lines.append(f"| {md(s['title'])} | {md(h['label'])} | {md(fmt(h['value'], h.get('unit', '')))} | {md(ci)} |")
     if "accuracy" in checks:
         am = checks["accuracy"]["metrics"]
         ci = am["ci95"]["macro_f1"]
         lines += ["", f"Macro-F1 {am['macro_f1']:.4f} (95% bootstrap interval {ci[0]:.4f} – {ci[1]:.4f})."]
         worst = sorted(checks["accuracy"]["tables"]["per_class"]["rows"], key=lambda row: row[3])[:3]
-        lines.append("Lowest recall: " + ", ".join(f"{w[0]} ({w[3] * 100:.1f}%)" for w in worst) + ".")
+        lines.append("Lowest recall: " + ", ".join(f"{md(w[0])} ({w[3] * 100:.1f}%)" for w in worst) + ".")
     if "calibration" in checks and "temperature" in checks["calibration"]["metrics"]:
         cm = checks["calibration"]["metrics"]
         lines.append(
@@ -196,7 +226,7 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
     if fair.get("attribute_kind") == "column":
         h = checks["fairness"]["headline"]
         lines.append(
-            f"- Groups by `{fair['attribute']}`: {h['label']} {fmt(h['value'], h.get('unit', ''))} "
+            f"- Groups by {md(fair['attribute'])}: {md(h['label'])} {md(fmt(h['value'], h.get('unit', '')))} "
             "(see the report's fairness section for every metric, gap and interval)."
         )
     else:
@@ -220,7 +250,7 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
     ]
     for s in checks.values():
         for note in s.get("notes", []):
-            lines.append(f"- {s['title']}: {note}")
+            lines.append(f"- {md(s['title'])}: {md(note)}")
     return "\n".join(lines) + "\n"
 
 
