@@ -26,6 +26,13 @@ app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)  # long lines stay whole when piped (no hard wrap at 80 columns)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Use this data on purpose instead of what run.json records (checked by fingerprint): a registered "
+        "dataset's folder of files, or the image folder or CSV manifest itself."
+    ),
+]
 
 
 @app.command("eval")
@@ -34,7 +41,7 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 1024,
-    data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Evaluate a run on a split: top-1, top-5 and loss, printed and written to <run>/eval_<split>.json."""
     from pupil.io import write_json
@@ -319,7 +326,7 @@ def audit_cmd(
         list[str] | None, typer.Option("--set", help="check.field=value, e.g. energy.country=FRA.")
     ] = None,
     thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Override the data folder recorded in run.json.")] = None,
+    data_dir: DataDirOpt = None,
     ood: Annotated[
         str | None, typer.Option(help="Extra OOD sets (ood check): dataset names, folders or CSVs, comma-separated.")
     ] = None,
