@@ -13,6 +13,11 @@ from typing import Any
 
 from pupil.errors import PupilError
 
+# Registries whose names a command lists; the error for an unknown name points at it once the names are too many
+# to list on one line. Other registries (checks, datasets, tasks) list their names in the error itself.
+LISTED_BY = {"model": "pupil models"}
+MAX_LISTED = 15
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -45,7 +50,11 @@ class Registry:
         if name not in self._entries:
             near = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise PupilError(f"unknown {self.kind} {name!r}{hint}; `pupil {self.kind}s` lists them")
+            if self.kind in LISTED_BY and len(self._entries) > MAX_LISTED:
+                choices = f"`{LISTED_BY[self.kind]}` lists them"
+            else:
+                choices = f"choose one of {', '.join(self._entries)}"
+            raise PupilError(f"unknown {self.kind} {name!r}{hint}; {choices}")
         return self._entries[name]
 
     def get(self, name: str) -> Any:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, table, validate_settings
+from pupil.errors import PupilError
 
 
 def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,6 +104,10 @@ class AccuracyConfig:
     positive_from: int | None = None
     """With ordered classes: class index from which a case counts as positive (adds sensitivity/specificity)."""
 
+    def __post_init__(self):
+        # positive_from 0 would make every case positive; its upper bound, the class count, is checked in run.
+        validate_settings(self, "accuracy", n_bootstrap=at_least(1), positive_from=at_least(1))
+
 
 @CHECKS.register("accuracy")
 class Accuracy(Check):
@@ -113,6 +118,8 @@ class Accuracy(Check):
         logits, y = ctx.logits("test"), ctx.targets("test")
         k = logits.shape[1]
         classes = ctx.run.classes
+        if cfg.positive_from is not None and cfg.positive_from >= k:
+            raise PupilError(f"accuracy.positive_from must be a class index from 1 to {k - 1}, not {cfg.positive_from}")
         pred = logits.argmax(1)
         cm = confusion_matrix(y, pred, k)
         kk = min(5, k)

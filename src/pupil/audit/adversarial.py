@@ -23,8 +23,20 @@ from functools import partial
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
-from pupil.errors import PupilError
+from pupil.audit.common import (
+    CHECKS,
+    AuditContext,
+    Check,
+    above,
+    at_least,
+    comma_numbers,
+    headline,
+    one_of,
+    parses,
+    subset_indices,
+    table,
+    validate_settings,
+)
 from pupil.robust.attacks import NORMS, fgsm, pgd
 
 # The headline's epsilon is the largest listed one at or below this (pixel units).
@@ -61,24 +73,29 @@ class AdversarialConfig:
     """Images per attack batch."""
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise PupilError(f"adversarial norm must be {' or '.join(NORMS)}, got {self.norm!r}")
-        for name in ("steps", "restarts", "n", "autoattack_n", "batch_size"):
-            if getattr(self, name) < 1:
-                raise PupilError(f"adversarial {name} must be >= 1, got {getattr(self, name)}")
-        if self.alpha_ratio <= 0 or self.autoattack_eps <= 0:
-            raise PupilError("adversarial alpha_ratio and autoattack_eps must be > 0")
-        self.eps_values()  # fails early on a malformed list
+        once = at_least(1)
+        validate_settings(
+            self,
+            "adversarial",
+            norm=one_of(*NORMS),
+            epsilons=parses(parse_epsilons, "comma-separated finite numbers >= 0"),
+            steps=once,
+            alpha_ratio=above(0),
+            restarts=once,
+            n=once,
+            autoattack_n=once,
+            autoattack_eps=above(0),
+            batch_size=once,
+        )
 
     def eps_values(self) -> list[float]:
         """The epsilons, sorted, with 0 (clean accuracy) always first."""
-        try:
-            values = {float(v) for v in str(self.epsilons).split(",") if v.strip()}
-        except ValueError:
-            raise PupilError(f"adversarial epsilons must be comma-separated numbers, got {self.epsilons!r}") from None
-        if any(v < 0 or not math.isfinite(v) for v in values):
-            raise PupilError(f"adversarial epsilons must be finite and >= 0, got {self.epsilons!r}")
-        return sorted(values | {0.0})
+        return parse_epsilons(self.epsilons)
+
+
+def parse_epsilons(epsilons: str) -> list[float]:
+    """``"0.1,0.05"`` -> the sorted distinct epsilons with 0 (clean accuracy) added."""
+    return sorted(set(comma_numbers(epsilons, "adversarial.epsilons")) | {0.0})
 
 
 class Attacker:

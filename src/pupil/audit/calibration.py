@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline
+from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, headline, validate_settings
 
 
 def bin_stats(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> dict:
@@ -89,6 +89,11 @@ class CalibrationConfig:
     fit_split: str = "val"
     """Split the temperature is fitted on (never the test split)."""
 
+    def __post_init__(self):
+        # One bin would reduce ECE to |accuracy - mean confidence| and leave no reliability diagram.
+        never_test = Allowed("val (the temperature is never fitted on the test split)", lambda v: v == "val")
+        validate_settings(self, "calibration", n_bins=at_least(2), fit_split=never_test)
+
 
 @CHECKS.register("calibration")
 class Calibration(Check):
@@ -107,8 +112,6 @@ class Calibration(Check):
                 "accuracy": s["accuracy"].tolist(),
             }
         }
-        if cfg.fit_split == "test":
-            raise ValueError("temperature must not be fitted on the test split")
         if ctx.val is not None:
             t = fit_temperature(ctx.logits(cfg.fit_split), ctx.targets(cfg.fit_split))
             after = summary(logits / t, y, cfg.n_bins)

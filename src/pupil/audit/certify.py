@@ -15,8 +15,20 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
-from pupil.errors import PupilError
+from pupil.audit.common import (
+    CHECKS,
+    Allowed,
+    AuditContext,
+    Check,
+    above,
+    at_least,
+    comma_numbers,
+    headline,
+    parses,
+    subset_indices,
+    table,
+    validate_settings,
+)
 from pupil.robust.smoothing import ABSTAIN, certify_batch, max_radius
 
 HEADLINE_RADIUS = 0.5
@@ -41,23 +53,26 @@ class CertifyConfig:
     """Comma-separated L2 radii (pixel units) for the certified-accuracy table."""
 
     def __post_init__(self):
-        if self.sigma <= 0:
-            raise PupilError(f"certify sigma must be > 0, got {self.sigma}")
-        if not 0 < self.alpha < 1:
-            raise PupilError(f"certify alpha must be in (0, 1), got {self.alpha}")
-        for name in ("n0", "n", "images", "batch_size"):
-            if getattr(self, name) < 1:
-                raise PupilError(f"certify {name} must be >= 1, got {getattr(self, name)}")
-        self.radius_values()  # fails early on a malformed list
+        once = at_least(1)
+        validate_settings(
+            self,
+            "certify",
+            sigma=above(0),
+            n0=once,
+            n=once,
+            alpha=Allowed("{type} in (0, 1)", lambda v: 0 < v < 1),
+            images=once,
+            batch_size=once,
+            radii=parses(parse_radii, "comma-separated finite numbers >= 0"),
+        )
 
     def radius_values(self) -> list[float]:
-        try:
-            values = sorted({float(v) for v in str(self.radii).split(",") if v.strip()})
-        except ValueError:
-            raise PupilError(f"certify radii must be comma-separated numbers, got {self.radii!r}") from None
-        if not values or values[0] < 0:
-            raise PupilError(f"certify radii must be a non-empty list of numbers >= 0, got {self.radii!r}")
-        return values
+        return parse_radii(self.radii)
+
+
+def parse_radii(radii: str) -> list[float]:
+    """``"0,0.5,1"`` -> the sorted distinct radii."""
+    return comma_numbers(radii, "certify.radii")
 
 
 @CHECKS.register("certify")

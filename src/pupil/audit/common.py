@@ -3,14 +3,18 @@
 A check is a registered class with a name, a ``Config`` dataclass and ``run(ctx, cfg) -> dict``. It never
 prints or renders, and never depends on another check except through the predictions that the
 context computes once and shares (``ctx.logits("test")``). The runner records each check's config and
-runtime next to its figures, so that every number in ``results.json`` can be reproduced.
+runtime next to its figures, so that every number in ``results.json`` can be reproduced. Each ``Config``
+checks its settings in ``__post_init__`` with ``validate_settings`` (type from the hints, range or choices
+given there), so a bad ``--set`` value fails as one line before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,15 +43,154 @@ class Check:
     quick: ClassVar[dict[str, Any]] = {}
 
     def config(self, budget: str, overrides: dict[str, Any] | None = None) -> Any:
+        """The budget's settings updated with ``overrides``; the Config checks each value's type and range."""
         values = dict(self.quick) if budget == "quick" else {}
         values.update(overrides or {})
-        names = {f.name for f in dataclasses.fields(self.Config)}
-        if unknown := set(values) - names:
-            raise PupilError(f"check {self.name} has no setting(s) {', '.join(sorted(unknown))}")
+        names = [f.name for f in dataclasses.fields(self.Config)]
+        if unknown := set(values) - set(names):
+            raise PupilError(
+                f"check {self.name} has no setting(s) {', '.join(sorted(unknown))}; its settings are {', '.join(names)}"
+            )
         return self.Config(**values)
 
     def run(self, ctx: AuditContext, cfg: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Check settings: each Config's __post_init__ calls validate_settings with the range or choices of its fields.
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting takes beyond its type: ``text`` ends the sentence "calibration.n_bins must be ...",
+    with ``{type}`` standing for the type's noun ("an integer"); ``test`` passes a value of the right type, and
+    ``detail``, if given, says what is wrong with one that fails."""
+
+    text: str
+    test: Callable[[Any], bool]
+    detail: Callable[[Any], str] | None = None
+
+
+def at_least(low: float) -> Allowed:
+    return Allowed(f"{{type}} >= {low:g}", lambda v: v >= low)
+
+
+def above(low: float) -> Allowed:
+    return Allowed(f"{{type}} > {low:g}", lambda v: v > low)
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed(f"one of {', '.join(choices)}" if len(choices) > 1 else choices[0], lambda v: v in choices)
+
+
+def parses(parse: Callable[[str], Any], text: str) -> Allowed:
+    """A string that ``parse`` (which raises PupilError on a bad one) accepts, described by ``text``."""
+
+    def test(value: str) -> bool:
+        try:
+            parse(value)
+        except PupilError:
+            return False
+        return True
+
+    return Allowed(text, test)
+
+
+def comma_numbers(value: str, setting: str) -> list[float]:
+    """``"0.1,0.05"`` -> the sorted distinct numbers; PupilError unless all are finite and >= 0 and one is given."""
+    bad = PupilError(f"{setting} must be comma-separated finite numbers >= 0, not {value!r}")
+    try:
+        numbers = {float(v) for v in value.split(",") if v.strip()}
+    except ValueError:
+        raise bad from None
+    if not numbers or any(v < 0 or not math.isfinite(v) for v in numbers):
+        raise bad
+    return sorted(numbers)
+
+
+def comma_names(choices: tuple[str, ...] | list[str], noun: str, empty: bool = False) -> Allowed:
+    """Comma-separated names from ``choices``, at least one unless ``empty``; ``noun`` names one in errors."""
+
+    def names(value: str) -> list[str]:
+        return [s.strip() for s in value.split(",") if s.strip()]
+
+    def detail(value: str) -> str:
+        unknown = [n for n in names(value) if n not in choices]
+        return f"unknown {noun} {', '.join(map(repr, unknown))}" if unknown else f"no {noun} given"
+
+    text = f"comma-separated names from {', '.join(choices)}" + (" (or none)" if empty else "")
+    return Allowed(text, lambda v: (empty or bool(names(v))) and set(names(v)) <= set(choices), detail)
+
+
+def validate_settings(cfg: Any, check: str, **allowed: Allowed) -> None:
+    """Check every field of a check's Config against its type hint and, where given, ``allowed[field]``.
+
+    Raises one line for the first bad value: "calibration.n_bins must be an integer >= 2, not 'abc'". Ints stay
+    ints and bools are not ints; an int is taken for a float and floats must be finite; ``X | None`` allows None.
+    ``--set`` values come through YAML 1.1, so a number is taken for a string field (a one-item comma list such as
+    ``corruption.severities=3``) and a numeric string for a float field (YAML reads ``1e-3`` as a string).
+    Accepted values are stored converted (an int given for a float becomes a float).
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, value, rule = hints[f.name], getattr(cfg, f.name), allowed.get(f.name)
+        optional = type(None) in typing.get_args(tp)
+        if optional:
+            tp = next(t for t in typing.get_args(tp) if t is not type(None))
+        if value is None and optional:
+            continue
+        typed = _typed(value, tp)
+        if typed is _BAD or (rule is not None and not rule.test(typed)):
+            wanted = rule.text.format(type=_noun(tp)) if rule is not None else _noun(tp)
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+            why = f" ({rule.detail(typed)})" if rule is not None and rule.detail and typed is not _BAD else ""
+            raise PupilError(f"{check}.{f.name} must be {wanted}{' or null' if optional else ''}, not {shown}{why}")
+        setattr(cfg, f.name, typed)
+
+
+_BAD = object()  # what _typed returns for a value of the wrong type
+_NOUNS = {  # type -> (noun, plural) in messages
+    int: ("an integer", "integers"),
+    float: ("a finite number", "finite numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "true/false values"),
+}
+
+
+def _noun(tp: Any, plural: bool = False) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return f"a list of {_noun(typing.get_args(tp)[0], plural=True)}"
+    return _NOUNS[tp][plural]
+
+
+def _typed(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (list[X], tuple[X, ...] or a scalar type of _NOUNS), or _BAD."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return _BAD
+        items = [_typed(v, typing.get_args(tp)[0]) for v in value]
+        return _BAD if any(v is _BAD for v in items) else origin(items)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is bool:
+        return value if isinstance(value, bool) else _BAD
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if tp is float:
+        try:
+            number = float(value) if is_number or isinstance(value, str) else math.nan
+        except (ValueError, OverflowError):
+            return _BAD
+        return number if math.isfinite(number) else _BAD
+    if tp is str:
+        return str(value) if is_number else value if isinstance(value, str) else _BAD
+    raise TypeError(f"check settings cannot be of type {tp}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Context and runner
 
 
 @dataclass
@@ -147,16 +290,18 @@ def run_audit(
     """Run the named checks (all registered ones by default) and write ``<run>/results.json``.
 
     Sections of an earlier results.json that were audited with the same split, budget and seed are
-    kept for checks not re-run now; otherwise the file is replaced.
+    kept for checks not re-run now; otherwise the file is replaced. A kept section that no longer follows
+    the results schema is dropped and listed under ``audit.dropped_sections``.
     """
     from pupil.audit import DEFAULT_CHECKS
 
     names = checks or list(DEFAULT_CHECKS)
-    for n in names:
-        CHECKS.entry(n)  # an unknown name fails before any work
     settings = settings or {}
+    for n in [*names, *settings]:
+        CHECKS.entry(n)  # an unknown name fails before any work
     if unknown := set(settings) - set(names):
         raise PupilError(f"settings given for check(s) not being run: {', '.join(sorted(unknown))}")
+    configs = {n: CHECKS.get(n)().config(budget, settings.get(n)) for n in names}  # bad settings fail here too
     ctx = make_context(run_dir, device, budget, seed, data_dir)
     audit = {
         "split": "test",
@@ -167,21 +312,19 @@ def run_audit(
         "threads": torch.get_num_threads(),
         "precision": str(ctx.dtype or "fp32"),
         "tta": ctx.model.tta,
+        "data": {
+            "dataset": ctx.test.meta.get("name", ctx.run.info["data"]["dataset"]),
+            "fingerprint": ctx.test.meta.get("fingerprint"),
+            "matches_training": ctx.test.meta.get("matches_training"),
+            "data_dir": data_dir,
+            "conversions": {k: v for k, v in ctx.test.meta.get("conversions", {}).items() if v},
+            "bad_images": len(ctx.test.meta.get("bad_images", [])),
+        },
     }
     path = Path(run_dir) / "results.json"
-    sections: dict[str, Any] = {}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            if {k: old.get("audit", {}).get(k) for k in ("split", "budget", "seed")} == {
-                k: audit[k] for k in ("split", "budget", "seed")
-            }:
-                sections = old.get("checks", {})
-        except json.JSONDecodeError:
-            pass
-    for n in names:
+    sections, dropped, notes = earlier_sections(path, audit, names)
+    for n, cfg in configs.items():
         check = CHECKS.get(n)()
-        cfg = check.config(budget, settings.get(n))
         if on_check:
             on_check(n, "start")
         torch.manual_seed(seed)
@@ -194,6 +337,10 @@ def run_audit(
             on_check(n, "done")
     if "logits/test/seconds" in ctx._cache:
         audit["prediction_s"] = round(ctx._cache["logits/test/seconds"], 3)
+    if dropped:
+        audit["dropped_sections"] = dropped
+    if notes:
+        audit["notes"] = notes
     results = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -212,6 +359,39 @@ def run_audit(
     validate(results)
     write_json(path, results)
     return results
+
+
+def earlier_sections(
+    path: Path, audit: dict[str, Any], rerun: list[str]
+) -> tuple[dict[str, Any], list[dict[str, str]], list[str]]:
+    """The sections of an earlier results.json to keep beside this audit's, the ones dropped, and notes.
+
+    Kept: sections of checks not in ``rerun``, audited with the same split, budget and seed, that follow the
+    results schema. Dropped (as ``{"check", "reason"}``): those that do not, so that one hand-edited or
+    outdated section costs a re-run of its check instead of blocking every later audit.
+    """
+    from pupil.report.schema import section_problem
+
+    if not path.exists():
+        return {}, [], []
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return {}, [], [f"the earlier results.json was not valid JSON ({e}); it was replaced"]
+    if not isinstance(old, dict) or not isinstance(old.get("audit"), dict) or not isinstance(old.get("checks"), dict):
+        return {}, [], ["the earlier results.json had no audit and checks objects; it was replaced"]
+    if any(old["audit"].get(k) != audit[k] for k in ("split", "budget", "seed")):
+        return {}, [], []
+    kept, dropped = {}, []
+    for name, section in old["checks"].items():
+        if name in rerun:
+            continue
+        if problem := section_problem(section):
+            reason = f"it broke the results schema at {problem}; `pupil audit {path.parent} --checks {name}` re-runs it"
+            dropped.append({"check": name, "reason": reason})
+        else:
+            kept[name] = section
+    return kept, dropped, []
 
 
 def _order(name: str) -> int:

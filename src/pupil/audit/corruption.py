@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from pupil.audit.calibration import ece
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, parses, table, validate_settings
 from pupil.data import stratified_split
 from pupil.data.corruptions import (
     COMMON,
+    CORRUPTIONS,
     REFERENCE_SIZE,
     corrupt,
     corruption_seed,
@@ -53,14 +54,15 @@ class CorruptionConfig:
     """Multiplier for ImageNet-C's pixel lengths (blur radii, shifts); 0 = image side / 224, 1 = as imagecorruptions."""
 
     def __post_init__(self):
-        parse_names(self.corruptions)
-        parse_severities(self.severities)
-        if self.n < 0:
-            raise PupilError(f"corruption n must be >= 0 (0 = whole test split), got {self.n}")
-        if self.batch_size < 1:
-            raise PupilError(f"corruption batch_size must be >= 1, got {self.batch_size}")
-        if self.scale < 0:
-            raise PupilError(f"corruption scale must be >= 0 (0 = automatic), got {self.scale}")
+        validate_settings(
+            self,
+            "corruption",
+            corruptions=parses(parse_names, f"all, common, extra or comma-separated names of {', '.join(CORRUPTIONS)}"),
+            severities=parses(parse_severities, "comma-separated integers from 1 to 5"),
+            n=at_least(0),
+            batch_size=at_least(1),
+            scale=at_least(0),
+        )
 
 
 @CHECKS.register("corruption")

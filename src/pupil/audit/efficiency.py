@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, validate_settings
 from pupil.models.stats import count_flops, count_params
 from pupil.training.loop import autocast
 
@@ -64,6 +64,12 @@ class EfficiencyConfig:
     """Batch size for throughput."""
     throughput_repeats: int = 20
     """Timed large-batch passes."""
+
+    def __post_init__(self):
+        once = at_least(1)
+        validate_settings(
+            self, "efficiency", latency_repeats=once, warmup=at_least(0), throughput_batch=once, throughput_repeats=once
+        )
 
 
 @CHECKS.register("efficiency")

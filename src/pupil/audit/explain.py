@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import (
+    CHECKS,
+    AuditContext,
+    Check,
+    at_least,
+    comma_names,
+    headline,
+    one_of,
+    table,
+    validate_settings,
+)
 from pupil.errors import PupilError
 from pupil.io import atomic_write
 from pupil.models.contract import gradcam_module
@@ -509,17 +519,20 @@ class ExplainConfig:
     """Run the model-parameter randomisation sanity check (doubles the time spent on maps)."""
 
     def __post_init__(self):
-        for name in self.method_names:
-            method(name)
-        if not self.method_names:
-            raise PupilError("explain needs at least one method")
-        if self.baseline not in BASELINES:
-            raise PupilError(f"unknown baseline {self.baseline!r}; choose {' or '.join(BASELINES)}")
-        for key in ("n", "steps", "lime_samples", "shap_samples", "ig_steps", "grid"):
-            if getattr(self, key) < 1:
-                raise PupilError(f"explain {key} must be at least 1, got {getattr(self, key)}")
-        if self.examples < 0:
-            raise PupilError(f"explain examples must be 0 or more, got {self.examples}")
+        once = at_least(1)
+        validate_settings(
+            self,
+            "explain",
+            methods=comma_names(list(METHODS), "explanation method"),
+            n=once,
+            steps=once,
+            baseline=one_of(*BASELINES),
+            lime_samples=once,
+            shap_samples=once,
+            ig_steps=once,
+            grid=once,
+            examples=at_least(0),
+        )
 
     @property
     def method_names(self) -> list[str]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pupil.audit.accuracy import prf
 from pupil.audit.calibration import ece
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, table
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, one_of, table, validate_settings
 from pupil.errors import PupilError
 
 PROXIES = ("brightness", "none")
@@ -276,10 +276,15 @@ class FairnessConfig:
     """Example images kept for each of the worst slices (errors first)."""
 
     def __post_init__(self):
-        if self.proxy not in PROXIES:
-            raise PupilError(f"unknown fairness proxy {self.proxy!r}; choose {' or '.join(PROXIES)}")
-        if self.n_boot < 1 or self.slices < 1 or self.min_group < 0 or self.slice_examples < 0:
-            raise PupilError("n_boot and slices must be positive; min_group and slice_examples >= 0")
+        validate_settings(
+            self,
+            "fairness",
+            proxy=one_of(*PROXIES),
+            min_group=at_least(0),
+            n_boot=at_least(1),
+            slices=at_least(1),
+            slice_examples=at_least(0),
+        )
 
 
 @CHECKS.register("fairness")

@@ -44,7 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
+from pupil.audit.common import (
+    CHECKS,
+    AuditContext,
+    Check,
+    above,
+    at_least,
+    comma_names,
+    headline,
+    subset_indices,
+    table,
+    validate_settings,
+)
 from pupil.errors import PupilError
 
 SCORES = ("msp", "max_logit", "energy", "odin", "mahalanobis", "knn", "vim")
@@ -388,21 +399,24 @@ class OODConfig:
     """Images per forward pass."""
 
     def __post_init__(self):
-        if unknown := [s for s in _names(self.scores) if s not in SCORES]:
-            raise PupilError(f"unknown OOD score(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
-        if not _names(self.scores):
-            raise PupilError("the ood check needs at least one score")
-        if not _names(f"{self.sets},{self.extra}"):
-            raise PupilError("the ood check needs at least one OOD set (sets or extra)")
-        if "id" in _names(f"{self.sets},{self.extra}"):
-            raise PupilError("an OOD set may not be called 'id' (the name of the in-distribution scores)")
-        for name in ("n_ood", "n_fit", "knn_k", "batch_size"):
-            if getattr(self, name) < 1:
-                raise PupilError(f"ood {name} must be at least 1, got {getattr(self, name)}")
-        if self.n_id < 0:
-            raise PupilError(f"ood n_id must be 0 (all) or positive, got {self.n_id}")
-        if self.odin_temperature <= 0 or self.odin_epsilon < 0:
-            raise PupilError("ood odin_temperature must be > 0 and odin_epsilon >= 0")
+        once = at_least(1)
+        validate_settings(
+            self,
+            "ood",
+            scores=comma_names(SCORES, "OOD score"),
+            n_id=at_least(0),
+            n_ood=once,
+            n_fit=once,
+            odin_temperature=above(0),
+            odin_epsilon=at_least(0),
+            knn_k=once,
+            batch_size=once,
+        )
+        sets = _names(f"{self.sets},{self.extra}")
+        if not sets:
+            raise PupilError(f"ood.sets or ood.extra must name at least one OOD set, not {self.sets!r}, {self.extra!r}")
+        if "id" in sets:
+            raise PupilError("ood.sets and ood.extra must not name a set 'id' (the name of the in-distribution scores)")
 
 
 @CHECKS.register("ood")

@@ -24,7 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pupil.audit.calibration import ece
-from pupil.audit.common import CHECKS, AuditContext, Check, headline, subset_indices, table
+from pupil.audit.common import (
+    CHECKS,
+    Allowed,
+    AuditContext,
+    Check,
+    at_least,
+    comma_names,
+    headline,
+    subset_indices,
+    table,
+    validate_settings,
+)
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
 
@@ -303,14 +314,17 @@ class UncertaintyConfig:
     """Evaluate on a seeded random subset of this many test (and validation) images (0: all)."""
 
     def __post_init__(self):
-        if unknown := set(self.source_list) - set(SOURCES):
-            raise PupilError(f"unknown uncertainty source(s) {', '.join(sorted(unknown))}; choose from {SOURCES}")
-        if not 0 < self.target_accuracy <= 1:
-            raise PupilError("target_accuracy must be in (0, 1]")
-        if self.mc_samples < 2 or self.tta_samples < 2:
-            raise PupilError("mc_samples and tta_samples must be at least 2")
-        if self.n < 0:
-            raise PupilError("n must be >= 0")
+        # A distribution from one pass has no spread to measure; the plain softmax is always computed.
+        twice = at_least(2)
+        validate_settings(
+            self,
+            "uncertainty",
+            mc_samples=twice,
+            tta_samples=twice,
+            target_accuracy=Allowed("{type} in (0, 1]", lambda v: 0 < v <= 1),
+            sources=comma_names(SOURCES, "uncertainty source", empty=True),
+            n=at_least(0),
+        )
 
     @property
     def source_list(self) -> list[str]:

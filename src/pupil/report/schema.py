@@ -16,6 +16,7 @@ from pupil.errors import PupilError
 from pupil.io import read_json
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+MESSAGE_CHARS = 200  # jsonschema quotes the whole offending value; a long one is cut to keep the error one line
 
 
 @cache
@@ -25,13 +26,26 @@ def schema() -> dict[str, Any]:
 
 def validate(results: dict[str, Any], source: str = "results") -> None:
     """Raise PupilError naming the first place where ``results`` breaks the schema."""
+    if problem := _problem(results, schema()):
+        raise PupilError(f"{source} does not follow the results schema at {problem}")
+
+
+def section_problem(section: Any) -> str | None:
+    """Where and how one check's section breaks the schema ("headline: 'value' is a required property"), or None."""
+    full = schema()
+    return _problem(section, {"$schema": full["$schema"], **full["$defs"]["check"], "$defs": full["$defs"]})
+
+
+def _problem(instance: Any, against: dict[str, Any]) -> str | None:
     import jsonschema
 
     try:
-        jsonschema.validate(results, schema())
+        jsonschema.validate(instance, against)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise PupilError(f"{source} does not follow the results schema at {where}: {e.message}") from None
+        message = e.message if len(e.message) <= MESSAGE_CHARS else e.message[: MESSAGE_CHARS - 1] + "…"
+        return f"{where}: {message}"
+    return None
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
