@@ -511,3 +511,21 @@ def test_interrupted_is_a_pupil_error_with_the_resume_command():
 def test_model_args_cannot_shadow_what_pupil_fills_in(over, message, tmp_path):
     with pytest.raises(PupilError, match=message):
         build(RECIPE, {"out": str(tmp_path), **over})
+
+
+def test_the_card_records_which_data_was_audited(tmp_path):
+    from pupil.audit import run_audit
+    from pupil.report.render import render_run
+
+    _folder(tmp_path / "data")
+    over = {"out": str(tmp_path), "name": "r", "dataset": str(tmp_path / "data"), "val_size": 2, "batch_size": 2}
+    run = fit(build(RECIPE, {**over, "epochs": 1}), progress=False).dir
+    res = run_audit(run, ["accuracy"], device="cpu")
+    d = res["audit"]["data"]
+    assert d["dataset"] == str(tmp_path / "data") and d["matches_training"] is True and d["fingerprint"]["files"] == 12
+    _png(tmp_path / "data" / "b" / "extra.png", size=(8, 8))
+    res = run_audit(run, ["accuracy"], device="cpu", data_dir=str(tmp_path / "data"))
+    assert res["audit"]["data"]["matches_training"] is False and res["audit"]["data"]["data_dir"]
+    html, card = render_run(run)
+    assert "NOT the data the run was trained on" in card.read_text()
+    assert "not the data the run was trained on" in html.read_text()

@@ -154,6 +154,31 @@ def render_html(results: dict[str, Any], thresholds: dict[str, dict[str, float]]
     )
 
 
+def data_lines(audit: dict[str, Any]) -> list[str]:
+    """Markdown bullets: which data the audit used, and what an earlier results.json lost."""
+    md, lines = escape_md, []
+    if d := audit.get("data"):
+        fp = d.get("fingerprint")
+        match = {True: "the data the run was trained on", False: "NOT the data the run was trained on"}
+        said = match.get(d.get("matches_training"), "not compared with the training data (no fingerprint)")
+        lines.append(
+            f"- Data: {md(d['dataset'])}"
+            + (f" ({md(fp['files'])} files, fingerprint {md(fp['sha256'])})" if fp else "")
+            + f": {said}"
+            + (f", chosen with --data-dir {md(d['data_dir'])}" if d.get("data_dir") else "")
+            + "."
+        )
+        if conv := d.get("conversions"):
+            counts = ", ".join(f"{md(v)} {md(k.replace('_', ' '))}" for k, v in conv.items())
+            lines.append(f"- Converted on load: {counts}.")
+        if d.get("bad_images"):
+            lines.append(f"- Left out as unreadable (--on-bad-image skip): {md(d['bad_images'])} images.")
+    for drop in audit.get("dropped_sections", []):
+        lines.append(f"- Dropped from an earlier results.json: {md(drop['check'])} ({md(drop['reason'])}).")
+    lines += [f"- Note: {md(n)}" for n in audit.get("notes", [])]
+    return lines
+
+
 def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
     """A model card in the spirit of Mitchell et al. (2019), filled from results.json and run.json.
 
@@ -202,6 +227,7 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
         "",
         f"- The untouched {md(a['split'])} split: {md(fmt(a['n']))} images. Audit budget {md(a['budget'])}, "
         f"seed {md(a['seed'])}, {md(a['device'])}, {md(a['threads'])} threads, {md(a['precision'])}.",
+        *data_lines(a),
         "",
     ]
     lines += ["## Metrics", "", "| check | figure | value | 95% interval |", "| --- | --- | ---: | --- |"]
