@@ -529,3 +529,10 @@ def test_the_card_records_which_data_was_audited(tmp_path):
     html, card = render_run(run)
     assert "NOT the data the run was trained on" in card.read_text()
     assert "not the data the run was trained on" in html.read_text()
+
+
+def test_an_unknown_energy_country_is_refused_before_training(tmp_path):
+    cfg = build(RECIPE, {"out": str(tmp_path), "name": "c", "track_energy": True, "energy_country": "XYZ"})
+    with pytest.raises(PupilError, match="energy_country must be an ISO 3166 alpha-3 code.*not 'XYZ'"):
+        fit(cfg, progress=False)
+    assert not (tmp_path / "c").exists()

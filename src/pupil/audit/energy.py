@@ -9,13 +9,12 @@ energy to CO2-equivalent with the named country's grid intensity. The method is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 
 from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, headline, validate_settings
-from pupil.training.energy import EnergyMeter
+from pupil.training.energy import EnergyMeter, grid_codes
 from pupil.training.loop import predict_logits
 
 
@@ -27,21 +26,12 @@ class EnergyConfig:
     """Full passes over the test split while tracking (more passes average out the tracker's sampling)."""
 
     def __post_init__(self):
-        # codecarbon only logs an unknown code and falls back to another grid, so the figure would be mislabelled.
         codes = grid_codes()
         country = Allowed(
             f"one of the {len(codes)} ISO 3166 alpha-3 codes in codecarbon's energy mix (e.g. USA, FRA, DEU, IND)",
             lambda v: v in codes,
         )
         validate_settings(self, "energy", country=country, passes=at_least(1))
-
-
-@cache
-def grid_codes() -> frozenset[str]:
-    """The country codes whose grid carbon intensity codecarbon knows (its global energy-mix table)."""
-    from codecarbon.input import DataSource
-
-    return frozenset(DataSource().get_global_energy_mix_data())
 
 
 @CHECKS.register("energy")

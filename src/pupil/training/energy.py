@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import cache
 from typing import Any
+
+
+@cache
+def grid_codes() -> frozenset[str]:
+    """The country codes whose grid carbon intensity codecarbon knows (its global energy-mix table).
+
+    codecarbon only logs an unknown code and falls back to another grid, so a figure would be mislabelled:
+    callers refuse codes outside this set."""
+    from codecarbon.input import DataSource
+
+    return frozenset(DataSource().get_global_energy_mix_data())
 
 
 class EnergyMeter:

@@ -33,7 +33,7 @@ from pupil.models import PixelModel, create
 from pupil.models.registry import check_name
 from pupil.run import Run, clear_run_files, environment, load_run, prepare_run_dir, remove_if_empty, run_lock
 from pupil.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
-from pupil.training.energy import EnergyMeter
+from pupil.training.energy import EnergyMeter, grid_codes
 from pupil.training.energy import add as add_energy
 from pupil.training.optim import create_optimizer
 from pupil.training.schedule import lr_factor
@@ -210,6 +210,11 @@ def fit_budget(state: dict[str, Any], seconds: float) -> None:
 def build(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Data, model, task, optimizer, EMA and mixup for ``cfg``; returns the loop state."""
     check_name(cfg.model.model)
+    if cfg.train.track_energy and cfg.train.energy_country not in grid_codes():
+        raise PupilError(
+            f"energy_country must be an ISO 3166 alpha-3 code in codecarbon's energy mix (e.g. USA, FRA, DEU), "
+            f"not {cfg.train.energy_country!r}"
+        )
     device = resolve_device(cfg.train.device)
     threads = setup_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
