@@ -281,7 +281,7 @@ SIGINT_SCRIPT = textwrap.dedent(
             else:  # after the weights moved, before the step counter and the EMA did
                 state["opt"].register_step_post_hook(kill)
 
-    cfg = build(recipe, dict(out=out, name="killed", threads=1, ema_decay=0.9, mixup=0.2))
+    cfg = build(recipe, dict(out=out, name="killed", threads=1, precision="fp32", ema_decay=0.9, mixup=0.2))
     try:
         fit(cfg, progress=False, on_step=on_step)
     except Interrupted as e:
@@ -293,9 +293,8 @@ SIGINT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("where,at", [("forward", 10), ("optimizer", 12)])
 def test_real_sigint_mid_step_resumes_exactly(where, at, tmp_path):
-    straight = fit(
-        build(RECIPE, dict(out=str(tmp_path), name="s", threads=1, ema_decay=0.9, mixup=0.2)), progress=False
-    )
+    over = dict(out=str(tmp_path), name="s", threads=1, precision="fp32", ema_decay=0.9, mixup=0.2)
+    straight = fit(build(RECIPE, over), progress=False)
     script = tmp_path / "kill.py"
     script.write_text(SIGINT_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -117,7 +117,7 @@ def _grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
 def _step(grad: torch.Tensor, size: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         return size * grad.sign()
-    return size * grad / (_norms(grad) + TINY)
+    return grad / (_norms(grad) + TINY) * size  # torchattacks' order of operations, so the two agree bit for bit
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -136,7 +136,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Gener
     delta = torch.empty_like(x).normal_(generator=generator)
     n = _norms(delta)
     r = torch.zeros_like(n).uniform_(0, 1, generator=generator)
-    return delta * r / n * eps
+    return delta * (r / n * eps)  # torchattacks' grouping: another one changes the last bit, and PGD grows it
 
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
