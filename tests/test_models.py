@@ -10,23 +10,31 @@ from pupil.models.stats import count_flops
 FAMILIES = defaultdict(list)
 for _e in MODELS:
     FAMILIES[_e.meta["family"]].append(_e)
-TINY = [e.name for e in MODELS if e.meta.get("tiny")]
+TEST_SIZES = [e.name for e in MODELS if e.meta.get("test")]
 
 
-def test_every_family_has_exactly_one_tiny_variant_and_a_paper():
+def test_every_family_has_exactly_one_test_size_and_a_paper():
     for family, entries in FAMILIES.items():
-        assert sum(e.meta.get("tiny", False) for e in entries) == 1, family
+        assert sum(e.meta.get("test", False) for e in entries) == 1, family
         for e in entries:
             assert e.meta["paper"] and 1980 < e.meta["year"] < 2030
 
 
-@pytest.mark.parametrize("name", TINY)
+def test_test_sizes_end_in_test_and_no_name_ends_in_tiny():
+    # vit_tiny, swin_tiny, convnext_tiny... are the papers' and timm's names of other, real models.
+    assert [e.name for e in MODELS if e.name.endswith("_tiny")] == []
+    for family, entries in FAMILIES.items():
+        named = [e for e in entries if e.name.endswith("_test")]
+        assert len(named) == 1 and named[0].meta["test"], family  # the one size flagged for the tests
+
+
+@pytest.mark.parametrize("name", TEST_SIZES)
 @pytest.mark.parametrize("in_chans,img_size", [(1, 28), (3, 32)])
-def test_contract_on_tiny_variants(name, in_chans, img_size):
+def test_contract_on_test_sizes(name, in_chans, img_size):
     check_contract(create(name, num_classes=7, in_chans=in_chans, img_size=img_size), in_chans, img_size)
 
 
-@pytest.mark.parametrize("name", [e.name for e in MODELS if not e.meta.get("tiny")])
+@pytest.mark.parametrize("name", [e.name for e in MODELS if not e.meta.get("test")])
 def test_full_sizes_build_and_run(name):
     net = create(name, num_classes=10, in_chans=1, img_size=28).eval()
     with torch.no_grad():
@@ -49,7 +57,7 @@ def test_unknown_models_are_user_errors():
         create("timm:not_a_model")
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TEST_SIZES)
 def test_families_take_the_loops_arguments_and_refuse_others_by_name(name):
     from pupil.errors import PupilError
 
@@ -69,8 +77,8 @@ def test_drop_path_is_refused_where_the_model_has_none():
 
     with pytest.raises(PupilError, match="^model lenet5 has no argument 'drop_path_rate'; it takes widths, drop_rate$"):
         create("lenet5", drop_rate=0.0, drop_path_rate=0.1)
-    with pytest.raises(PupilError, match="^model shufflenetv2_tiny has no argument 'drop_path_rate'"):
-        create("shufflenetv2_tiny", drop_path_rate=0.1)
+    with pytest.raises(PupilError, match="^model shufflenetv2_test has no argument 'drop_path_rate'"):
+        create("shufflenetv2_test", drop_path_rate=0.1)
 
 
 def test_timm_model_arguments_are_checked():

@@ -88,7 +88,7 @@ class AlexNet(ClassifierBase):
 SIZES = {
     "alexnet": dict(widths=(96, 256, 384, 384, 256), fc_widths=(4096, 4096)),
     "alexnet_small": dict(widths=(32, 64, 128, 128, 64), fc_widths=(512, 512)),
-    "alexnet_tiny": dict(widths=(8, 16, 16, 16, 16), fc_widths=(32, 32)),
+    "alexnet_test": dict(widths=(8, 16, 16, 16, 16), fc_widths=(32, 32)),
 }
 
 for _name, _cfg in SIZES.items():
@@ -97,6 +97,6 @@ for _name, _cfg in SIZES.items():
         family="AlexNet",
         paper="Krizhevsky, Sutskever & Hinton, NeurIPS",
         year=2012,
-        tiny=_name.endswith("tiny"),
+        test=_name.endswith("_test"),
         defaults=_cfg,
     )(AlexNet)

@@ -15,7 +15,7 @@ and 4x4 (16 tokens) in S4 (32x32: 32, 32, 16, 8, 4). Every stride-2 layer has a 
 grid is rounded up (7 -> 4). The downsampling pools are 3x3 max pools with stride 2. The relative bias table covers
 the whole grid of a stage ((2h-1)(2w-1) offsets per head, as in the paper), so a model is built for one image size.
 A final LayerNorm before pooling, which pre-norm Transformer stages need (as in ViT). Sizes are far smaller than
-CoAtNet-0; ``coatnet_tiny`` is the size the tests use, not a size from the paper.
+CoAtNet-0; ``coatnet_test`` is the size the tests use, not a size from the paper.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, SEModule, trunc_normal_
 from torch import nn
 
 from pupil.models.contract import ClassifierBase, init_trunc_normal
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
 
 
@@ -56,12 +57,8 @@ class MBConv(nn.Module):
         self.shortcut = shortcut(cin, cout, stride)
         self.branch = nn.Sequential(
             nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False),
-            nn.BatchNorm2d(mid),
-            nn.GELU(),
-            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False),
-            nn.BatchNorm2d(mid),
-            nn.GELU(),
+            *conv_bn(cin, mid, 1, act=nn.GELU),  # unpacked: one flat Sequential, keys branch.0 .. branch.8
+            *conv_bn(mid, mid, 3, stride, groups=mid, act=nn.GELU),
             # Squeeze to a quarter of the output width (timm's CoAtNet; EfficientNet uses a quarter of the input).
             SEModule(mid, rd_channels=max(1, cout // 4), act_layer=nn.SiLU),
             nn.Conv2d(mid, cout, 1),
@@ -149,10 +146,7 @@ class CoAtNet(ClassifierBase):
         self.img_size = img_size
         # S0: two 3x3 convolutions at full resolution (the paper's first one has stride 2).
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.GELU(),
-            nn.Conv2d(stem_width, stem_width, 3, 1, 1),
+            *conv_bn(in_chans, stem_width, 3, act=nn.GELU), nn.Conv2d(stem_width, stem_width, 3, 1, 1)
         )
         # Stochastic depth grows linearly with block index (Huang et al. 2016).
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -187,10 +181,10 @@ class CoAtNet(ClassifierBase):
 SIZES = {
     "coatnet_micro": dict(stem_width=32, depths=(2, 3, 5, 2), dims=(32, 64, 128, 256)),
     "coatnet_nano": dict(stem_width=48, depths=(2, 3, 5, 2), dims=(48, 96, 192, 384)),
-    "coatnet_tiny": dict(stem_width=8, depths=(1, 1, 1, 1), dims=(8, 16, 32, 32), head_dim=16),
+    "coatnet_test": dict(stem_width=8, depths=(1, 1, 1, 1), dims=(8, 16, 32, 32), head_dim=16),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="CoAtNet", paper="Dai et al., NeurIPS", year=2021, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="CoAtNet", paper="Dai et al., NeurIPS", year=2021, test=_name.endswith("_test"), defaults=_cfg
     )(CoAtNet)

@@ -10,7 +10,7 @@ Differences for small images: the stem's patch size is 2 (the paper's is 4) and 
 four, so a 28x28 image is 14x14 in the first stage, 7x7 in the second and 4x4 in the last (32x32: 16, 8, 4); four
 stages would leave one pixel. A 2x2 stride-2 convolution on an odd grid would drop its last row and column, so the
 downsampling layer zero-pads an odd grid on the bottom/right first (7 -> 8 -> 4). The named sizes are narrower and
-shallower than the paper's (ConvNeXt-T: 96..768 channels, 3/3/9/3 blocks); ``convnext_tiny`` is the small size the
+shallower than the paper's (ConvNeXt-T: 96..768 channels, 3/3/9/3 blocks); ``convnext_test`` is the small size the
 tests use, not the paper's ConvNeXt-T.
 """
 
@@ -115,10 +115,10 @@ class ConvNeXt(ClassifierBase):
 SIZES = {
     "convnext_femto_c": dict(depths=(2, 2, 6), dims=(48, 96, 192)),
     "convnext_nano_c": dict(depths=(2, 2, 8), dims=(80, 160, 320)),
-    "convnext_tiny": dict(depths=(1, 1, 1), dims=(8, 16, 32)),
+    "convnext_test": dict(depths=(1, 1, 1), dims=(8, 16, 32)),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="ConvNeXt", paper="Liu et al., CVPR", year=2022, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="ConvNeXt", paper="Liu et al., CVPR", year=2022, test=_name.endswith("_test"), defaults=_cfg
     )(ConvNeXt)

@@ -97,10 +97,10 @@ class DenseNet(ClassifierBase):
 SIZES = {
     "densenet_bc100_k12": dict(depths=(16, 16, 16), growth_rate=12),
     "densenet_bc40_k12": dict(depths=(6, 6, 6), growth_rate=12),
-    "densenet_tiny": dict(depths=(2, 2, 2), growth_rate=6),
+    "densenet_test": dict(depths=(2, 2, 2), growth_rate=6),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="DenseNet", paper="Huang et al., CVPR", year=2017, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="DenseNet", paper="Huang et al., CVPR", year=2017, test=_name.endswith("_test"), defaults=_cfg
     )(DenseNet)

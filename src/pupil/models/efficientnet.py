@@ -16,18 +16,20 @@ base resolution is Fashion-MNIST's 28, so a variant's ``preferred_img_size`` is 
 follow the paper's phi rule rather than the released checkpoints' hand-set coefficients, so
 ``efficientnet_b1`` (phi = 1: depth 1.2, width 1.1) has the depth and width of the released B2. Dropout
 before the classifier (0.2 for B0 in the paper) and drop-path are off by default (``drop_rate``,
-``drop_path_rate``). ``efficientnet_tiny`` uses its own three-stage table at phi = 0.
+``drop_path_rate``). ``efficientnet_test`` uses its own three-stage table at phi = 0.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from timm.layers import DropPath, make_divisible
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
 
 # Compound-scaling bases for depth, width and resolution (Tan & Le 2019, Eq. 3 and the grid search of Section 4).
@@ -72,9 +74,7 @@ def preferred_img_size(phi: float, base: int = BASE_IMG_SIZE) -> int:
     return round(base * GAMMA**phi)
 
 
-def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, nn.SiLU(inplace=True)) if act else nn.Sequential(*layers)
+SILU = partial(nn.SiLU, inplace=True)  # swish, x * sigmoid(x): after every convolution but the linear projections
 
 
 class SqueezeExcite(nn.Module):
@@ -107,13 +107,13 @@ class MBConv(nn.Module):
         super().__init__()
         hidden = cin * expand_ratio
         # With t = 1 there is nothing to widen, so the 1x1 expansion is left out (as in the paper's code).
-        expand = [conv_bn(cin, hidden)] if expand_ratio != 1 else []
+        expand = [conv_bn(cin, hidden, 1, act=SILU)] if expand_ratio != 1 else []
         self.branch = nn.Sequential(
             *expand,  # (B, t*cin, H, W)
-            conv_bn(hidden, hidden, kernel, stride, groups=hidden),  # (B, t*cin, ceil(H/s), ceil(W/s))
+            conv_bn(hidden, hidden, kernel, stride, groups=hidden, act=SILU),  # (B, t*cin, ceil(H/s), ceil(W/s))
             # The SE bottleneck is a fraction of the block's input width, not of the expanded width (paper's code).
             SqueezeExcite(hidden, max(1, int(cin * se_ratio))),
-            conv_bn(hidden, cout, act=False),  # linear bottleneck, no activation: (B, cout, ceil(H/s), ceil(W/s))
+            conv_bn(hidden, cout, 1, act=None),  # linear bottleneck, no activation: (B, cout, ceil(H/s), ceil(W/s))
         )
         self.use_shortcut = stride == 1 and cin == cout
         self.drop_path = DropPath(drop_path) if drop_path and self.use_shortcut else nn.Identity()
@@ -141,7 +141,7 @@ class EfficientNet(ClassifierBase):
         # img_size is not needed to build the network (global pooling); preferred_img_size is advice to recipes.
         self.phi, self.preferred_img_size = phi, preferred_img_size(phi)
         stages, stem_width, head_width = compound_scale(stages, phi, stem_width, head_width)
-        self.stem = conv_bn(in_chans, stem_width, 3)  # stride 1 (paper: 2): (B, stem_width, H, W)
+        self.stem = conv_bn(in_chans, stem_width, 3, act=SILU)  # stride 1 (paper: 2): (B, stem_width, H, W)
         rates = torch.linspace(0, drop_path_rate, sum(n for _, _, n, _, _ in stages)).tolist()
         blocks, cin, i = [], stem_width, 0
         for t, c, n, s, k in stages:
@@ -151,7 +151,7 @@ class EfficientNet(ClassifierBase):
                 cin, i = c, i + 1
             blocks.append(nn.Sequential(*stage))
         self.blocks = nn.Sequential(*blocks)  # (B, cin, H/8, W/8) with the default table (ceil at odd sides)
-        self.conv_head = conv_bn(cin, head_width)  # final 1x1 convolution: (B, head_width, h, w)
+        self.conv_head = conv_bn(cin, head_width, 1, act=SILU)  # final 1x1 convolution: (B, head_width, h, w)
         self.num_features, self.num_classes, self.drop_rate = head_width, num_classes, drop_rate
         self.head = nn.Linear(head_width, num_classes)
         self.gradcam_layer = "conv_head"
@@ -164,7 +164,7 @@ SIZES = {
     "efficientnet_b0": dict(phi=0),
     "efficientnet_b1": dict(phi=1),
     "efficientnet_b2": dict(phi=2),
-    "efficientnet_tiny": dict(
+    "efficientnet_test": dict(
         phi=0, stages=((1, 8, 1, 1, 3), (4, 16, 1, 2, 3), (4, 24, 2, 2, 5)), stem_width=8, head_width=64
     ),
 }
@@ -175,7 +175,7 @@ for _name, _cfg in SIZES.items():
         family="EfficientNet",
         paper="Tan & Le, ICML",
         year=2019,
-        tiny=_name.endswith("tiny"),
+        test=_name.endswith("_test"),
         defaults=_cfg,
         preferred_img_size=preferred_img_size(_cfg["phi"]),
     )(EfficientNet)

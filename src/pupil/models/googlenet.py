@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
 
 # Szegedy et al. 2015, Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) per module, grouped
@@ -42,12 +43,6 @@ INCEPTION_V1 = (
     ),
     ((256, 160, 320, 32, 128, 128), (384, 192, 384, 48, 128, 128)),
 )
-
-
-def conv_bn(cin: int, cout: int, k: int = 1) -> nn.Sequential:
-    """Conv(k x k, stride 1, same padding)-BN-ReLU: (B, cin, h, w) -> (B, cout, h, w)."""
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Inception(nn.Module):
@@ -108,10 +103,10 @@ class GoogLeNet(ClassifierBase):
 SIZES = {
     "googlenet": dict(stem=(64, 64, 192), stages=INCEPTION_V1),
     "googlenet_small": dict(stem=(64, 64, 192), stages=INCEPTION_V1, width=0.25),
-    "googlenet_tiny": dict(stem=(8, 8, 16), stages=(((8, 8, 8, 2, 4, 4),), ((8, 8, 12, 2, 4, 4),))),
+    "googlenet_test": dict(stem=(8, 8, 16), stages=(((8, 8, 8, 2, 4, 4),), ((8, 8, 12, 2, 4, 4),))),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="GoogLeNet", paper="Szegedy et al., CVPR", year=2015, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="GoogLeNet", paper="Szegedy et al., CVPR", year=2015, test=_name.endswith("_test"), defaults=_cfg
     )(GoogLeNet)

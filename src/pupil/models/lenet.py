@@ -49,10 +49,10 @@ class LeNet5(ClassifierBase):
 
 SIZES = {
     "lenet5": dict(widths=(6, 16, 120, 84)),
-    "lenet5_tiny": dict(widths=(4, 8, 32, 16)),
+    "lenet5_test": dict(widths=(4, 8, 32, 16)),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="LeNet", paper="LeCun et al., Proc. IEEE", year=1998, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="LeNet", paper="LeCun et al., Proc. IEEE", year=1998, test=_name.endswith("_test"), defaults=_cfg
     )(LeNet5)

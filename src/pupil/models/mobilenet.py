@@ -12,26 +12,27 @@ below one.
 Differences for small images: the paper's stem (3x3, stride 2) and the first block of its 24-channel stage
 (stride 2) use stride 1 here. The network therefore downsamples three times instead of five, and a 28x28
 or 32x32 input ends as a 4x4 map rather than 1x1. Drop-path (stochastic depth, Huang et al. 2016) on the
-residual branches is an addition and is off by default. ``mobilenetv2_tiny`` uses its own three-stage table.
+residual branches is an addition and is off by default. ``mobilenetv2_test`` uses its own three-stage table.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from timm.layers import DropPath, make_divisible
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
 
 # Sandler et al. 2018, Table 2, as (t, c, n, s): expansion factor, output channels, repeats, stride of the
 # stage's first block. The 24-channel stage has stride 1 here (2 in the paper); see the module docstring.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
-
-def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+# min(max(x, 0), 6): the paper chose it for its robustness in low-precision arithmetic.
+RELU6 = partial(nn.ReLU6, inplace=True)
 
 
 class InvertedResidual(nn.Module):
@@ -41,11 +42,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = cin * expand_ratio
         # With t = 1 there is nothing to widen, so the 1x1 expansion is left out (as in the paper's code).
-        expand = [conv_bn(cin, hidden)] if expand_ratio != 1 else []
+        expand = [conv_bn(cin, hidden, 1, act=RELU6)] if expand_ratio != 1 else []
         self.branch = nn.Sequential(
             *expand,  # (B, t*cin, H, W)
-            conv_bn(hidden, hidden, 3, stride, groups=hidden),  # depthwise: (B, t*cin, H/s, W/s)
-            conv_bn(hidden, cout, act=False),  # linear bottleneck, no ReLU6: (B, cout, H/s, W/s)
+            conv_bn(hidden, hidden, 3, stride, groups=hidden, act=RELU6),  # depthwise: (B, t*cin, H/s, W/s)
+            conv_bn(hidden, cout, 1, act=None),  # linear bottleneck, no ReLU6: (B, cout, H/s, W/s)
         )
         self.use_shortcut = stride == 1 and cin == cout
         self.drop_path = DropPath(drop_path) if drop_path and self.use_shortcut else nn.Identity()
@@ -74,7 +75,7 @@ class MobileNetV2(ClassifierBase):
         stem_width = make_divisible(stem_width * width_mult, 8)
         # As in the paper, multipliers below one are not applied to the last convolution.
         head_width = make_divisible(head_width * max(1.0, width_mult), 8)
-        self.stem = conv_bn(in_chans, stem_width, 3)  # stride 1 (paper: 2): (B, stem_width, H, W)
+        self.stem = conv_bn(in_chans, stem_width, 3, act=RELU6)  # stride 1 (paper: 2): (B, stem_width, H, W)
         # Stochastic depth grows linearly with block index (Huang et al. 2016); only residual blocks use it.
         rates = torch.linspace(0, drop_path_rate, sum(n for _, _, n, _ in stages)).tolist()
         blocks, cin, i = [], stem_width, 0
@@ -86,7 +87,7 @@ class MobileNetV2(ClassifierBase):
                 cin, i = cout, i + 1
             blocks.append(nn.Sequential(*stage))
         self.blocks = nn.Sequential(*blocks)  # (B, cin, H/8, W/8) with the default table (ceil at odd sides)
-        self.conv_head = conv_bn(cin, head_width)  # the paper's final 1x1 convolution: (B, head_width, h, w)
+        self.conv_head = conv_bn(cin, head_width, 1, act=RELU6)  # the final 1x1 convolution: (B, head_width, h, w)
         self.num_features, self.num_classes, self.drop_rate = head_width, num_classes, drop_rate
         self.head = nn.Linear(head_width, num_classes)
         self.gradcam_layer = "conv_head"
@@ -98,10 +99,15 @@ class MobileNetV2(ClassifierBase):
 SIZES = {
     "mobilenetv2_100": dict(width_mult=1.0),
     "mobilenetv2_050": dict(width_mult=0.5),
-    "mobilenetv2_tiny": dict(stages=((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 1, 2)), stem_width=8, head_width=64),
+    "mobilenetv2_test": dict(stages=((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 1, 2)), stem_width=8, head_width=64),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="MobileNetV2", paper="Sandler et al., CVPR", year=2018, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name,
+        family="MobileNetV2",
+        paper="Sandler et al., CVPR",
+        year=2018,
+        test=_name.endswith("_test"),
+        defaults=_cfg,
     )(MobileNetV2)

@@ -15,12 +15,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
-
-
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
 class BasicBlock(nn.Module):
@@ -31,8 +27,8 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, width: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
         cout = width * self.expansion
-        self.branch = nn.Sequential(conv_bn(cin, width, 3, stride), conv_bn(width, cout, 3, relu=False))
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, relu=False)
+        self.branch = nn.Sequential(conv_bn(cin, width, 3, stride), conv_bn(width, cout, 3, act=None))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, act=None)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.act = nn.ReLU(inplace=True)
 
@@ -49,9 +45,9 @@ class Bottleneck(BasicBlock):
         super().__init__(cin, width, stride, drop_path)
         cout = width * self.expansion
         self.branch = nn.Sequential(
-            conv_bn(cin, width, 1), conv_bn(width, width, 3, stride), conv_bn(width, cout, 1, relu=False)
+            conv_bn(cin, width, 1), conv_bn(width, width, 3, stride), conv_bn(width, cout, 1, act=None)
         )
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, relu=False)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, act=None)
 
 
 class ResNeXtBottleneck(BasicBlock):
@@ -68,13 +64,10 @@ class ResNeXtBottleneck(BasicBlock):
         super().__init__(cin, width, stride, drop_path)
         inner = int(width * base_width / 64) * cardinality
         cout = width * self.expansion
-        grouped = nn.Sequential(
-            nn.Conv2d(inner, inner, 3, stride, 1, groups=cardinality, bias=False),
-            nn.BatchNorm2d(inner),
-            nn.ReLU(inplace=True),
-        )
-        self.branch = nn.Sequential(conv_bn(cin, inner, 1), grouped, conv_bn(inner, cout, 1, relu=False))
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, relu=False)
+        # Built before the 1x1 convolutions around it: construction order fixes the weights a seed gives.
+        grouped = conv_bn(inner, inner, 3, stride, groups=cardinality)
+        self.branch = nn.Sequential(conv_bn(cin, inner, 1), grouped, conv_bn(inner, cout, 1, act=None))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, act=None)
 
 
 class ResNet(ClassifierBase):
@@ -121,12 +114,12 @@ SIZES = {
     "resnet56": dict(depths=(9, 9, 9), widths=(16, 32, 64)),
     "resnet18": dict(depths=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
     "resnet50": dict(depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), block="bottleneck"),
-    "resnet_tiny": dict(depths=(1, 1, 1), widths=(8, 16, 32)),
+    "resnet_test": dict(depths=(1, 1, 1), widths=(8, 16, 32)),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="ResNet", paper="He et al., CVPR", year=2016, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="ResNet", paper="He et al., CVPR", year=2016, test=_name.endswith("_test"), defaults=_cfg
     )(ResNet)
 
 # ResNeXt (Xie, Girshick, Dollar, Tu & He, "Aggregated Residual Transformations for Deep Neural Networks",
@@ -138,10 +131,10 @@ RESNEXT_SIZES = {
     "resnext29_4x8d": dict(depths=(3, 3, 3), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=64),
     "resnext29_4x32d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=4, base_width=32),
     "resnext29_8x16d": dict(depths=(3, 3, 3), widths=(64, 128, 256), block="resnext", cardinality=8, base_width=16),
-    "resnext_tiny": dict(depths=(1, 1, 1), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=16),
+    "resnext_test": dict(depths=(1, 1, 1), widths=(8, 16, 32), block="resnext", cardinality=4, base_width=16),
 }
 
 for _name, _cfg in RESNEXT_SIZES.items():
     MODELS.register(
-        _name, family="ResNeXt", paper="Xie et al., CVPR", year=2017, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="ResNeXt", paper="Xie et al., CVPR", year=2017, test=_name.endswith("_test"), defaults=_cfg
     )(ResNet)

@@ -22,12 +22,8 @@ import torch
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
-
-
-def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
@@ -47,15 +43,15 @@ class ShuffleUnit(nn.Module):
         mid = cout // 2  # each branch produces half of the output channels
         # Left branch: the untouched half in the basic unit; over the whole input, strided, when downsampling.
         self.branch1 = (
-            nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, relu=False), conv_bn(cin, cout - mid))
+            nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=None), conv_bn(cin, cout - mid, 1))
             if stride > 1
             else nn.Identity()
         )
         # Right branch, 1x1 -> 3x3 depthwise -> 1x1. Depthwise convolutions get BN only (the paper's Fig. 3).
         self.branch2 = nn.Sequential(
-            conv_bn(cin if stride > 1 else cin // 2, mid),
-            conv_bn(mid, mid, 3, stride, groups=mid, relu=False),
-            conv_bn(mid, mid),
+            conv_bn(cin if stride > 1 else cin // 2, mid, 1),
+            conv_bn(mid, mid, 3, stride, groups=mid, act=None),
+            conv_bn(mid, mid, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +85,7 @@ class ShuffleNetV2(ClassifierBase):
             stages.append(nn.Sequential(*units))
             cin = width
         self.stages = nn.Sequential(*stages)  # (B, widths[-1], H/8, W/8), sides rounded up
-        self.conv_head = conv_bn(cin, head_width)  # the paper's Conv5: (B, head_width, h, w)
+        self.conv_head = conv_bn(cin, head_width, 1)  # the paper's Conv5: (B, head_width, h, w)
         self.num_features, self.num_classes, self.drop_rate = head_width, num_classes, drop_rate
         self.head = nn.Linear(head_width, num_classes)
         self.gradcam_layer = "conv_head"
@@ -102,10 +98,10 @@ class ShuffleNetV2(ClassifierBase):
 SIZES = {
     "shufflenetv2_x1_0": dict(depths=(4, 8, 4), widths=(116, 232, 464), head_width=1024),
     "shufflenetv2_x0_5": dict(depths=(4, 8, 4), widths=(48, 96, 192), head_width=1024),
-    "shufflenetv2_tiny": dict(depths=(1, 2, 1), widths=(16, 32, 64), stem_width=8, head_width=128),
+    "shufflenetv2_test": dict(depths=(1, 2, 1), widths=(16, 32, 64), stem_width=8, head_width=128),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="ShuffleNetV2", paper="Ma et al., ECCV", year=2018, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="ShuffleNetV2", paper="Ma et al., ECCV", year=2018, test=_name.endswith("_test"), defaults=_cfg
     )(ShuffleNetV2)

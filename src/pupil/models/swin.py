@@ -15,7 +15,7 @@ the window (a 32x32 image gives 16x16, then 8x8) are zero-padded on the bottom/r
 multiple (21x21, 14x14) and the padded tokens are masked out of the attention, so no real token attends to padding.
 Padding rather than a smaller window keeps the configured window, and with it the relative-bias table, the same for
 any image size; the official detection code pads the same way. Patch merging pads an odd grid to even (7 -> 8 -> 4).
-Sizes are much smaller than Swin-T; ``swin_tiny`` is the size the tests use, not the paper's Swin-T.
+Sizes are much smaller than Swin-T; ``swin_test`` is the size the tests use, not the paper's Swin-T.
 """
 
 from __future__ import annotations
@@ -216,14 +216,14 @@ class Swin(ClassifierBase):
         return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, num_features, h, w) for average pooling
 
 
-# Head width 32 as in the paper for swin_micro and swin_nano; swin_tiny is the test size.
+# Head width 32 as in the paper for swin_micro and swin_nano; swin_test is the test size.
 SIZES = {
     "swin_micro": dict(embed_dim=64, depths=(2, 2, 6), heads=(2, 4, 8)),
     "swin_nano": dict(embed_dim=32, depths=(2, 2, 4), heads=(1, 2, 4)),
-    "swin_tiny": dict(embed_dim=12, depths=(2, 2, 1), heads=(1, 2, 4), mlp_ratio=2.0),
+    "swin_test": dict(embed_dim=12, depths=(2, 2, 1), heads=(1, 2, 4), mlp_ratio=2.0),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="Swin", paper="Liu et al., ICCV", year=2021, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="Swin", paper="Liu et al., ICCV", year=2021, test=_name.endswith("_test"), defaults=_cfg
     )(Swin)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pupil.models.contract import ClassifierBase
+from pupil.models.layers import conv_bn
 from pupil.models.registry import MODELS
 
 
@@ -32,7 +33,7 @@ class VGG(ClassifierBase):
         layers, cin, side = [], in_chans, img_size
         for widths in stages:
             for w in widths:
-                layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                layers += conv_bn(cin, w, 3)  # unpacked into features, whose keys stay features.N
                 cin = w
             if side >= 2:
                 layers.append(nn.MaxPool2d(2))
@@ -53,10 +54,10 @@ SIZES = {
     "vgg16": dict(stages=((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))),
     "vgg_medium": dict(stages=((32, 32), (64, 64), (128, 128))),
     "vgg_small": dict(stages=((16, 16), (32, 32), (64, 64))),
-    "vgg_tiny": dict(stages=((8,), (16,))),
+    "vgg_test": dict(stages=((8,), (16,))),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="VGG", paper="Simonyan & Zisserman, ICLR", year=2015, tiny=_name.endswith("tiny"), defaults=_cfg
+        _name, family="VGG", paper="Simonyan & Zisserman, ICLR", year=2015, test=_name.endswith("_test"), defaults=_cfg
     )(VGG)

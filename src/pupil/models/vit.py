@@ -94,12 +94,12 @@ SIZES = {
     "vit_ti_p4": dict(patch_size=4, dim=192, depth=12, heads=3),
     "vit_mini_p4": dict(patch_size=4, dim=128, depth=6, heads=4),
     "vit_mini_p7": dict(patch_size=7, dim=128, depth=6, heads=4),
-    "vit_tiny": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0),
+    "vit_test": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0),
 }
 
 for _name, _cfg in SIZES.items():
     MODELS.register(
-        _name, family="ViT", paper="Dosovitskiy et al., ICLR", year=2021, tiny=_name == "vit_tiny", defaults=_cfg
+        _name, family="ViT", paper="Dosovitskiy et al., ICLR", year=2021, test=_name.endswith("_test"), defaults=_cfg
     )(ViT)
 
 # DeiT (Touvron, Cord, Douze, Massa, Sablayrolles & Jegou, "Training data-efficient image transformers &
@@ -107,10 +107,10 @@ for _name, _cfg in SIZES.items():
 DEIT_SIZES = {
     "deit_mini_p4": dict(patch_size=4, dim=128, depth=6, heads=4, distilled=True),
     "deit_mini_p7": dict(patch_size=7, dim=128, depth=6, heads=4, distilled=True),
-    "deit_tiny": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, distilled=True),
+    "deit_test": dict(patch_size=4, dim=32, depth=2, heads=2, mlp_ratio=2.0, distilled=True),
 }
 
 for _name, _cfg in DEIT_SIZES.items():
     MODELS.register(
-        _name, family="DeiT", paper="Touvron et al., ICML", year=2021, tiny=_name == "deit_tiny", defaults=_cfg
+        _name, family="DeiT", paper="Touvron et al., ICML", year=2021, test=_name.endswith("_test"), defaults=_cfg
     )(ViT)
