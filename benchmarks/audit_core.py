@@ -23,7 +23,8 @@ from pupil.audit.common import make_context
 from pupil.audit.efficiency import EfficiencyConfig, peak_memory_bytes, timed
 from pupil.io import write_json
 from pupil.models.stats import count_flops
-from pupil.training.loop import predict_logits, setup_threads
+from pupil.predict import predict_logits
+from pupil.runtime import setup_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["accuracy", "calibration", "efficiency"]

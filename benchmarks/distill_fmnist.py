@@ -14,8 +14,10 @@ from pathlib import Path
 from pupil.config import build
 from pupil.data import load
 from pupil.io import write_json
+from pupil.predict import evaluate
 from pupil.run import load_run
-from pupil.training.loop import evaluate, fit, setup_threads
+from pupil.runtime import setup_threads
+from pupil.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

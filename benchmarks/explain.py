@@ -22,7 +22,7 @@ import torch
 from pupil.audit.explain import deletion_insertion, deletion_insertion_loop, gradcam, saliency
 from pupil.io import write_json
 from pupil.run import load_run
-from pupil.training.loop import setup_threads
+from pupil.runtime import setup_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from pupil.config import build
 from pupil.io import write_json
-from pupil.training.loop import evaluate, fit, setup_threads
+from pupil.predict import evaluate
+from pupil.runtime import setup_threads
+from pupil.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

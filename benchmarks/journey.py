@@ -3,7 +3,7 @@ measured on one machine. Writes benchmarks/results/journey.json, a plot (top-1 a
 against batch-1 latency) and prints a table; benchmarks/update_readme.py puts the table in the README.
 
     python benchmarks/journey.py --minutes 5            # one representative size per family
-    python benchmarks/journey.py --smoke                # every family's tiny variant, a few steps (a test)
+    python benchmarks/journey.py --smoke                # every family's *_test size, a few steps (a test)
 
 The budget covers training only; each run uses the fast recipe's optimiser settings with AdamW for the
 transformer families, and its schedule is fitted to the budget (``max_minutes``).
@@ -24,7 +24,9 @@ from pupil.data import load
 from pupil.io import write_json
 from pupil.models import MODELS
 from pupil.models.stats import count_flops, count_params
-from pupil.training.loop import evaluate, fit, setup_threads
+from pupil.predict import evaluate
+from pupil.runtime import setup_threads
+from pupil.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 # One representative size per family, small enough for a CPU budget of minutes.
@@ -133,7 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per model")
-    ap.add_argument("--smoke", action="store_true", help="every family's tiny variant for a few steps; no files")
+    ap.add_argument("--smoke", action="store_true", help="every family's *_test size for a few steps; no files")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--families", default="", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "journey.json")
@@ -173,7 +175,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for family in families:
-            pick = [e for e in entries if e.meta["family"] == family and e.meta.get("tiny") == args.smoke]
+            pick = [e for e in entries if e.meta["family"] == family and e.meta.get("test", False) == args.smoke]
             name = pick[0].name if args.smoke else REPRESENTATIVE[family]
             rows.append(one(family, name, MODELS.entry(name).meta["year"], args, out))
             r = rows[-1]

@@ -18,8 +18,9 @@ import torch
 from pupil.audit import CHECKS
 from pupil.audit.common import AuditContext, make_context
 from pupil.io import write_json
+from pupil.predict import evaluate
 from pupil.robust import pgd
-from pupil.training.loop import evaluate, setup_threads
+from pupil.runtime import setup_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,16 +28,11 @@ import pupil
 from pupil.config import build
 from pupil.data import load
 from pupil.io import write_json
-from pupil.training.loop import (
-    autocast,
-    cpu_has_fast_bf16,
-    evaluate,
-    evaluate_deployed,
-    fit,
-    resolve_precision,
-    setup_threads,
-)
+from pupil.predict import evaluate
+from pupil.runtime import autocast, cpu_has_fast_bf16, resolve_precision, setup_threads
+from pupil.training.loop import evaluate_deployed, fit
 from pupil.training.schedule import lr_factor
+from pupil.training.state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_fmnist.json"
@@ -107,11 +102,11 @@ def ours(recipe: Path, seed: int, overrides: dict | None = None) -> dict:
     test = load("fashion-mnist", "test")
     curve = []
 
-    def trace(state: dict, record: dict) -> None:
+    def trace(state: TrainState, record: dict) -> None:
         top1 = evaluate_deployed(state, test)["top1"]
         curve.append(
             {
-                "epoch": state["step"] / state["steps_per_epoch"],
+                "epoch": state.step / state.steps_per_epoch,
                 "train_time_s": record["train_time_s"],
                 "test_top1": top1,
             }

@@ -34,6 +34,6 @@ fi
 STAMP=.venv/.pupil-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: installing pupil and its dependencies"
-  $PY -m pip install -q --disable-pip-version-check -e ".[dev]"
+  $PY -m pip install -q --disable-pip-version-check -e ".[all,dev]"
   touch "$STAMP"
 fi

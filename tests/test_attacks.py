@@ -16,7 +16,7 @@ from pupil.robust import fgsm, pgd
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    net = create("resnet_tiny", num_classes=4, in_chans=1, img_size=16)
+    net = create("resnet_test", num_classes=4, in_chans=1, img_size=16)
     return PixelModel(net, [0.5], [0.25]).eval()
 
 
@@ -99,7 +99,7 @@ def test_attacks_raise_the_loss(model, batch):
 
 def test_no_parameter_grads_and_train_mode_is_kept(model, batch):
     x, y = batch
-    net = create("resnet_tiny", num_classes=4, in_chans=1, img_size=16)
+    net = create("resnet_test", num_classes=4, in_chans=1, img_size=16)
     m = PixelModel(net, [0.5], [0.25]).train()
     pgd(m, x, y, 0.05, 0.01, 2)
     fgsm(m, x, y, 0.05)

@@ -13,7 +13,7 @@ from pupil.audit.accuracy import averages, bootstrap_ci, confusion_matrix, prf, 
 from pupil.audit.calibration import bin_stats, brier, ece, fit_temperature, mce
 from pupil.config import build
 from pupil.errors import PupilError
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 
@@ -108,11 +108,11 @@ def smoke_run(tmp_path_factory):
 
 
 def test_audit_writes_valid_results_and_shares_predictions(smoke_run, monkeypatch):
-    import pupil.training.loop as loop
+    import pupil.audit.common as common
 
     calls = []
-    real = loop.predict_logits
-    monkeypatch.setattr(loop, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = common.predict_logits
+    monkeypatch.setattr(common, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     results = run_audit(smoke_run, ["accuracy", "calibration"], budget="quick", device="cpu")
     assert len(calls) == 2  # test once for both checks, val once for the temperature
     saved = load_results(smoke_run)

@@ -3,7 +3,7 @@
 ``precision: auto`` turns bf16 on only where the CPU runs it natively (AVX512-BF16 or AMX), and the tests that
 compare with an fp32 reference pin ``precision="fp32"``, so without this file an AVX2-only machine would never
 run the bf16 path and an AVX512-BF16 one would never check it. On AVX2 bf16 is emulated (about ten times
-slower), hence the smoke recipe's 16x16 gratings, ``resnet_tiny`` and a few dozen test images.
+slower), hence the smoke recipe's 16x16 gratings, ``resnet_test`` and a few dozen test images.
 
 bf16 keeps 8 significant bits (spacing 2**-8, 0.4% relative), so tolerances here are about 2% where the fp32
 tests use 1e-4; the errors measured on an AVX512-BF16 CPU and on the emulated path are 2.5 to 10 times
@@ -24,8 +24,10 @@ import pupil
 from pupil.config import build
 from pupil.data import ImageDataset
 from pupil.io import read_jsonl
+from pupil.predict import evaluate, predict_logits
 from pupil.robust import pgd
-from pupil.training.loop import autocast, evaluate, fit, predict_logits, resolve_precision, to_input
+from pupil.runtime import autocast, resolve_precision, to_input
+from pupil.training.loop import fit
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -67,15 +69,15 @@ def runs(tmp_path_factory):
     seen: dict[str, list[torch.dtype]] = {"train": [], "precise_bn": []}
 
     def watch(state):
-        if state["step"] != 1:
+        if state.step != 1:
             return
-        for m in layers(state["model"]):
+        for m in layers(state.model):
             m.register_forward_hook(lambda mod, args, o: seen["train"].append(o.dtype) if mod.training else None)
-        for m in state["model"].modules():
+        for m in state.model.modules():
             if isinstance(m, nn.BatchNorm2d):
 
                 def pre(mod, args):
-                    if mod.training and state["step"] == state["total_steps"]:
+                    if mod.training and state.step == state.total_steps:
                         seen["precise_bn"].append(args[0].dtype)
 
                 m.register_forward_pre_hook(pre)
@@ -91,12 +93,12 @@ def test_set():
 
 
 def test_precision_names_resolve_on_any_cpu(monkeypatch):
-    import pupil.training.loop as loop
+    import pupil.runtime as runtime
 
     assert resolve_precision("bf16", CPU) is BF16 and resolve_precision("fp32", CPU) is None
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", CPU) is BF16
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", CPU) is None
 
 
@@ -138,7 +140,7 @@ def test_precise_bn_under_bf16_matches_torch_update_bn(runs):
         elif "running_var" in name:
             torch.testing.assert_close(ours[name], buf, rtol=0.02, atol=0.0, msg=name)
             checked += 1
-    assert checked >= 8  # resnet_tiny's batch norms, means and variances
+    assert checked >= 8  # resnet_test's batch norms, means and variances
 
 
 def test_predict_and_evaluate_in_bf16_agree_with_fp32(runs, test_set):

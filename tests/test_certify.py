@@ -16,7 +16,7 @@ import pupil.audit.adversarial
 import pupil.audit.certify  # noqa: F401  (registers the checks)
 from pupil.audit import run_audit
 from pupil.errors import PupilError
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.robust import ABSTAIN, certify, certify_batch, clopper_pearson_lower, max_radius, predict, sample_counts
 from pupil.robust.smoothing import binomial_p_value
 

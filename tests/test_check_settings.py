@@ -9,7 +9,7 @@ from pupil.audit.common import at_least, validate_settings
 from pupil.cli import main
 from pupil.errors import PupilError
 from pupil.registry import Registry
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from tests.conftest import ROOT
 
 
@@ -90,12 +90,14 @@ def test_types_follow_the_hints():
 def test_settings_are_checked_before_the_run_is_loaded(tmp_path):
     with pytest.raises(PupilError, match="uncertainty.n must be an integer >= 0, not -5"):
         run_audit(tmp_path / "missing", ["uncertainty"], settings={"uncertainty": {"n": -5}})
-    with pytest.raises(PupilError, match="unknown check 'calibraton'.*choose one of accuracy, adversarial, calib"):
+    with pytest.raises(PupilError, match="unknown check 'calibraton'.*choose one of accuracy, calibration, efficiency"):
         run_audit(tmp_path / "missing", ["accuracy"], settings={"calibraton": {"n_bins": 5}})
 
 
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(PupilError, match=r"^unknown check 'foo'.*; choose one of accuracy, adversarial, calibration, "):
+    with pytest.raises(
+        PupilError, match=r"^unknown check 'foo'.*; choose one of accuracy, calibration, efficiency, energy, "
+    ):
         CHECKS.get("foo")
     models = Registry("model")
     for i in range(20):

@@ -427,7 +427,7 @@ def test_audit_check_end_to_end_with_itself_as_baseline(run_dir):
     from pupil.audit import run_audit
     from pupil.audit.common import make_context
     from pupil.audit.corruption import subset
-    from pupil.training.loop import predict_logits
+    from pupil.predict import predict_logits
 
     res = run_audit(run_dir, ["corruption"], budget="quick", device="cpu", settings={"corruption": SMALL})
     sec = res["checks"]["corruption"]

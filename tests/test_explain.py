@@ -10,7 +10,7 @@ from pupil.audit import run_audit
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.models import PixelModel, create, gradcam_module
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.run import load_run
 from pupil.training.loop import fit
 from tests.conftest import ROOT
@@ -129,7 +129,7 @@ def test_gradcam_matches_captum_layer_gradcam():
     from captum.attr import LayerAttribution, LayerGradCam
 
     torch.manual_seed(0)
-    model = PixelModel(create("resnet_tiny", 10, 1, 28), [0.3], [0.35]).eval()
+    model = PixelModel(create("resnet_test", 10, 1, 28), [0.3], [0.35]).eval()
     x, target = torch.rand(6, 1, 28, 28), torch.arange(6)
     ours = E.gradcam(model, x, target)
     ref = LayerGradCam(model, gradcam_module(model.net)).attribute(x, target=target, relu_attributions=True)
@@ -141,7 +141,7 @@ def test_gradcam_matches_captum_layer_gradcam():
 def test_gradcam_pp_matches_its_formula_on_a_cnn():
     # Chattopadhay et al. 2018, Eq. 19, written out with loops over channels.
     torch.manual_seed(0)
-    model = PixelModel(create("lenet5_tiny", 10, 1, 28), [0.3], [0.35]).eval()
+    model = PixelModel(create("lenet5_test", 10, 1, 28), [0.3], [0.35]).eval()
     x, target = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
     seen = []
     hook = gradcam_module(model.net).register_forward_hook(lambda m, i, o: seen.append(o))
@@ -162,7 +162,7 @@ def test_gradcam_pp_matches_its_formula_on_a_cnn():
     assert torch.allclose(E.gradcam_pp(model, x, target), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "deit_tiny", "swin_tiny", "coatnet_tiny"])
+@pytest.mark.parametrize("name", ["vit_test", "deit_test", "swin_test", "coatnet_test"])
 @pytest.mark.parametrize("tta", [False, True])
 def test_token_model_gradcam_gives_image_sized_maps(name, tta):
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def test_randomized_copy_changes_every_weight_and_leaves_the_model(trained):
         assert torch.equal(v, before[k])
     for (k, p), q in zip(model.named_parameters(), rand.parameters(), strict=True):
         assert not torch.equal(p, q), k
-    vit = PixelModel(create("vit_tiny", 10, 1, 28), [0.0], [1.0])
+    vit = PixelModel(create("vit_test", 10, 1, 28), [0.0], [1.0])
     rv = E.randomized_copy(vit, 0)
     assert not torch.equal(vit.net.pos_embed, rv.net.pos_embed)
 

@@ -19,7 +19,7 @@ from pupil.audit.fairness import (
 from pupil.config import build
 from pupil.data import load
 from pupil.errors import PupilError
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 

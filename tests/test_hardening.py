@@ -275,11 +275,11 @@ SIGINT_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered in the middle of the step
 
     def on_step(state):
-        if state["step"] == at - 1:  # arm the hook for the next step
+        if state.step == at - 1:  # arm the hook for the next step
             if where == "forward":
-                state["model"].register_forward_hook(kill)
+                state.model.register_forward_hook(kill)
             else:  # after the weights moved, before the step counter and the EMA did
-                state["opt"].register_step_post_hook(kill)
+                state.opt.register_step_post_hook(kill)
 
     cfg = build(recipe, dict(out=out, name="killed", threads=1, precision="fp32", ema_decay=0.9, mixup=0.2))
     try:
@@ -437,8 +437,8 @@ def test_resume_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
     import shutil
 
     def snapshot(state):
-        if state["step"] == 2:
-            shutil.copytree(state["run_dir"], tmp_path / "early")
+        if state.step == 2:
+            shutil.copytree(state.run_dir, tmp_path / "early")
 
     straight = fit(build(RECIPE, {"out": str(tmp_path), "name": "s"}), progress=False, on_step=snapshot)
     assert not (tmp_path / "early" / "checkpoint.pt").exists()

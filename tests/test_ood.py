@@ -34,7 +34,7 @@ from pupil.audit.ood import (
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.models import PixelModel, create
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 
@@ -92,7 +92,7 @@ def test_logit_scores():
 
 def _tiny_pixel_model(seed: int = 0) -> PixelModel:
     torch.manual_seed(seed)
-    net = create("resnet_tiny", num_classes=4, in_chans=1, img_size=16)
+    net = create("resnet_test", num_classes=4, in_chans=1, img_size=16)
     return PixelModel(net, [0.4], [0.2]).eval()
 
 
@@ -185,7 +185,10 @@ def test_forward_pass_keeps_the_wrappers_tta_logits():
     model = _tiny_pixel_model()
     model.tta = True
     images = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
-    ctx = SimpleNamespace(device=torch.device("cpu"), dtype=None, channels_last=False)
+    from pupil.audit.common import AuditContext
+
+    run = SimpleNamespace(model=model)
+    ctx = AuditContext(run, None, None, torch.device("cpu"), None, channels_last=False, seed=0, budget="quick")
     logits, feats = forward_pass(model, images, ctx, 4, features=True)
     x = images.float() / 255
     with torch.no_grad():

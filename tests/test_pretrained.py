@@ -77,5 +77,5 @@ def test_pretrained_refuses_models_without_weights(tmp_path, smoke_recipe):
     from pupil.errors import PupilError
     from pupil.training.loop import fit
 
-    with pytest.raises(PupilError, match="no pretrained weights for 'resnet_tiny'"):
+    with pytest.raises(PupilError, match="no pretrained weights for 'resnet_test'"):
         fit(build(smoke_recipe, {"out": str(tmp_path), "pretrained": True}), progress=False)

@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 def audited(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     runs = []
-    for name, model in (("tiny-resnet", "resnet_tiny"), ("tiny-vgg", "vgg_tiny"), ("tiny-lenet", "lenet5_tiny")):
+    for name, model in (("tiny-resnet", "resnet_test"), ("tiny-vgg", "vgg_test"), ("tiny-lenet", "lenet5_test")):
         cfg = build(ROOT / "recipes/smoke/synthetic.yaml", {"out": str(root), "name": name, "model": model})
         run = fit(cfg, progress=False).dir
         run_audit(run, ["accuracy", "calibration", "efficiency"], device="cpu")

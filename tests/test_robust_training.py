@@ -12,7 +12,7 @@ def tiny_model():
     from pupil.models.contract import PixelModel
 
     torch.manual_seed(0)
-    return PixelModel(create("resnet_tiny", num_classes=4, in_chans=1, img_size=16), [0.5], [0.25])
+    return PixelModel(create("resnet_test", num_classes=4, in_chans=1, img_size=16), [0.5], [0.25])
 
 
 def test_adversarial_task_trains_on_worst_case_inputs():

@@ -11,7 +11,8 @@ import pupil
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.io import read_jsonl
-from pupil.training.loop import Interrupted, evaluate, fit
+from pupil.predict import evaluate
+from pupil.training.loop import Interrupted, fit
 
 
 def smoke(tmp_path, recipe, name, **over):
@@ -36,7 +37,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path, smoke_recipe
     straight = fit(smoke(tmp_path, smoke_recipe, "straight", ema_decay=0.9, mixup=0.2), progress=False)
 
     def stop(state):
-        if state["step"] == 11:  # mid-way through epoch 2 (7 steps per epoch)
+        if state.step == 11:  # mid-way through epoch 2 (7 steps per epoch)
             raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match="pupil train --resume"):
@@ -54,8 +55,8 @@ def test_resume_from_an_epoch_checkpoint_after_a_hard_kill(tmp_path, smoke_recip
     # A SIGKILL during step 9 leaves exactly what is on disk at that moment: epoch 1's checkpoint and a
     # run.json saying "running". Snapshot that, let the run finish, then resume the snapshot.
     def snapshot(state):
-        if state["step"] == 9:
-            shutil.copytree(state["run_dir"], tmp_path / "killed")
+        if state.step == 9:
+            shutil.copytree(state.run_dir, tmp_path / "killed")
 
     straight = fit(smoke(tmp_path, smoke_recipe, "s"), progress=False, on_step=snapshot)
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "running"
@@ -86,13 +87,13 @@ def test_adamw_cosine_clip_and_augmentations_run(tmp_path, smoke_recipe):
         rotate=10.0,
         erase_prob=0.5,
         cutmix=1.0,
-        model="vit_tiny",
+        model="vit_test",
         epochs=1.0,
         drop_path_rate=0.1,
         tta=True,
     )
     run = fit(cfg, progress=False)
-    assert run.model.tta and run.info["model"]["name"] == "vit_tiny"
+    assert run.model.tta and run.info["model"]["name"] == "vit_test"
 
 
 def test_recipe_errors_are_clear(tmp_path, smoke_recipe):
@@ -113,13 +114,13 @@ def test_training_steps_never_run_with_tta(tmp_path, smoke_recipe):
     seen = []
 
     def spy(state):
-        seen.append(state["model"].tta)
+        seen.append(state.model.tta)
 
     run = fit(smoke(tmp_path, smoke_recipe, "t", tta=True, epochs=2.0), progress=False, on_step=spy)
     assert seen and not any(seen) and run.model.tta
 
 
-@pytest.mark.parametrize("kind,student", [("soft", "resnet_tiny"), ("hard", "deit_tiny")])
+@pytest.mark.parametrize("kind,student", [("soft", "resnet_test"), ("hard", "deit_test")])
 def test_distillation_from_a_teacher_run(tmp_path, smoke_recipe, kind, student):
     teacher = fit(smoke(tmp_path, smoke_recipe, "teacher", epochs=1.0), progress=False)
     cfg = smoke(tmp_path, smoke_recipe, "student", task="distill", teacher=str(teacher.dir), distill_kind=kind,
@@ -157,7 +158,7 @@ def test_distill_without_teacher_is_a_clear_error(tmp_path, smoke_recipe):
 def test_precise_bn_matches_torch_update_bn(tmp_path, smoke_recipe):
     from torch.optim.swa_utils import update_bn
 
-    from pupil.training.loop import to_input
+    from pupil.runtime import to_input
 
     # fp32 pinned: the reference is fp32, and precision auto means bf16 autocast on CPUs with AVX512-BF16/AMX
     # (tests/test_bf16.py checks the bf16 path against this reference within bf16's tolerance).
@@ -188,7 +189,7 @@ def test_ctrl_c_during_precise_bn_resumes_to_the_same_weights(tmp_path, smoke_re
 
     def interrupted(state, *args):
         out = real(state, *args)
-        if state["step"] == state["total_steps"]:  # the pass, or the validation after it (the last epoch's waits)
+        if state.step == state.total_steps:  # the pass, or the validation after it (the last epoch's waits)
             raise KeyboardInterrupt
         return out
 
@@ -213,11 +214,12 @@ def test_precise_bn_uses_full_batches_and_refuses_perturbed_tasks(tmp_path, smok
 
 
 def test_precise_bn_puts_the_old_statistics_back_on_an_error(tmp_path, smoke_recipe):
-    import pupil.training.loop as loop
+    from pupil.training.precise_bn import precise_bn
+    from pupil.training.state import build as build_state
 
-    state = loop.build(smoke(tmp_path, smoke_recipe, "err", precise_bn=3), tmp_path / "err")
-    bns = [m for m in state["model"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    before = {k: v.clone() for k, v in state["model"].named_buffers()}
+    state = build_state(smoke(tmp_path, smoke_recipe, "err", precise_bn=3), tmp_path / "err")
+    bns = [m for m in state.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = {k: v.clone() for k, v in state.model.named_buffers()}
     calls = []
 
     def fail_on_second_batch(module, args):
@@ -227,7 +229,7 @@ def test_precise_bn_puts_the_old_statistics_back_on_an_error(tmp_path, smoke_rec
 
     bns[-1].register_forward_pre_hook(fail_on_second_batch)
     with pytest.raises(RuntimeError, match="boom"):
-        loop.precise_bn(state)
-    after = dict(state["model"].named_buffers())
+        precise_bn(state)
+    after = dict(state.model.named_buffers())
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(m.momentum == 0.1 for m in bns) and state["model"].training
+    assert all(m.momentum == 0.1 for m in bns) and state.model.training

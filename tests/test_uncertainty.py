@@ -26,7 +26,7 @@ from pupil.audit.uncertainty import (
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.models import create
-from pupil.report.schema import load_results
+from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 
@@ -128,7 +128,7 @@ def test_mc_dropout_varies_only_with_dropout_and_keeps_batchnorm_in_eval():
     ds = ImageDataset(torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8), torch.zeros(16), ["a", "b", "c"])
     for rate in (0.0, 0.5):
         torch.manual_seed(0)
-        model = _pixel(create("resnet_tiny", num_classes=3, in_chans=1, img_size=16, drop_rate=rate))
+        model = _pixel(create("resnet_test", num_classes=3, in_chans=1, img_size=16, drop_rate=rate))
         assert has_dropout(model.net) == (rate > 0)
         bn = next(m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
         stats = bn.running_mean.clone()

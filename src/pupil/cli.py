@@ -45,8 +45,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run on a split: top-1, top-5 and loss, printed and written to <run>/eval_<split>.json."""
     from pupil.io import write_json
+    from pupil.predict import evaluate
     from pupil.run import load_run
-    from pupil.training.loop import evaluate, resolve_device, resolve_precision, setup_threads
+    from pupil.runtime import resolve_device, resolve_precision, setup_threads
 
     dev = resolve_device(device)
     threads = setup_threads(0)
@@ -97,7 +98,7 @@ def predict_cmd(
     from pupil.data.images import read_images
     from pupil.models.pretrained import PRETRAINED
     from pupil.run import load_run
-    from pupil.training.loop import resolve_device
+    from pupil.runtime import resolve_device
 
     dev = resolve_device(device)
     if run in PRETRAINED:
@@ -175,7 +176,7 @@ def explain_cmd(
     from pupil.audit.explain import method as check_method
     from pupil.data.images import read_images
     from pupil.run import load_run
-    from pupil.training.loop import resolve_device
+    from pupil.runtime import resolve_device
 
     check_method(method)  # an unknown method fails before the model loads
     r = load_run(run, device=resolve_device(device))
@@ -215,7 +216,7 @@ def models_cmd(
         ds = load(dataset, "test")
         (in_chans, img_size, _), num_classes = ds.shape, len(ds.classes)
     rows = []
-    for e in sorted(MODELS, key=lambda e: (e.meta["year"], e.meta["family"], e.meta.get("tiny", False))):
+    for e in sorted(MODELS, key=lambda e: (e.meta["year"], e.meta["family"], e.meta.get("test", False))):
         if family and e.meta["family"].lower() != family.lower():
             continue
         net = create(e.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
@@ -227,7 +228,7 @@ def models_cmd(
                 "year": e.meta["year"],
                 "params": sum(p.numel() for p in net.parameters()),
                 "flops": count_flops(net, (1, in_chans, img_size, img_size)),
-                "tiny": e.meta.get("tiny", False),
+                "test": e.meta.get("test", False),
             }
         )
     if family and not rows:
@@ -241,7 +242,7 @@ def models_cmd(
     for col in ("name", "family", "paper", "year", "params", "FLOPs"):
         table.add_column(col, justify="right" if col in ("year", "params", "FLOPs") else "left")
     for r in rows:
-        name = r["name"] + (" (test size)" if r["tiny"] else "")
+        name = r["name"] + (" (test size)" if r["test"] else "")
         table.add_row(name, r["family"], r["paper"], str(r["year"]), _si(r["params"]), _si(r["flops"]))
     console.print(table)
 
@@ -344,7 +345,7 @@ def audit_cmd(
     from pupil.audit import run_audit
     from pupil.report.render import load_thresholds, render_run
     from pupil.run import read_info, run_lock
-    from pupil.training.loop import setup_threads
+    from pupil.runtime import setup_threads
 
     setup_threads(0)
     load_thresholds(thresholds)  # a bad file fails before the audit, not after
@@ -383,6 +384,8 @@ def audit_cmd(
             )
             html, card = render_run(run, thresholds)
     _print_card(results)
+    for note in results["audit"].get("notes", []):
+        console.print(f"note: {note}", markup=False)
     console.print(f"results: {Path(run) / 'results.json'}\nreport: {html}\nmodel card: {card}")
 
 

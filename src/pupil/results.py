@@ -1,4 +1,6 @@
-"""The results.json schema (``results.schema.json`` beside this file) and its validation.
+"""The results.json contract: its JSON Schema (``results.schema.json`` beside this file), validation and reading.
+
+The audit writes results.json and the report reads it; both import this module, so neither imports the other.
 
 Version 1.x: one section per check, each with ``title``, ``config``, ``runtime_s``, ``headline``
 (label, value, direction, unit, optional 95% interval), ``metrics``, ``tables`` (columns + rows),

@@ -13,12 +13,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pupil.errors import PupilError
 from pupil.io import read_json
+
+if TYPE_CHECKING:
+    from pupil.config import Config
+    from pupil.data import ImageDataset
+    from pupil.models import PixelModel
 
 REQUIRED_INFO = ("model", "data", "config", "status")
 LOCK_FILE = ".pupil.lock"
@@ -199,6 +204,61 @@ class Run:
         if list(ds.shape) != d["input_shape"]:
             raise PupilError(f"the {split} images are {list(ds.shape)} but the run was trained on {d['input_shape']}")
         return ds
+
+
+def run_info(
+    cfg: Config,
+    status: str,
+    history: dict[str, Any],
+    *,
+    train: ImageDataset,
+    val: ImageDataset | None,
+    model: PixelModel,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    threads: int,
+    channels_last: bool,
+) -> dict[str, Any]:
+    """run.json's content for a run in ``status`` (running, interrupted, failed or finished); ``read_info`` and
+    ``load_run`` read it back. ``history`` is the training summary (``Run.summary``); ``model`` is the trained
+    ``PixelModel`` (its net's parameters are counted, its normalisation recorded)."""
+    return {
+        "schema": 1,
+        "status": status,
+        "model": {
+            "name": cfg.model.model,
+            "kwargs": dict(cfg.model.model_args, drop_rate=cfg.model.drop_rate),
+            "num_classes": len(train.classes),
+            "in_chans": train.shape[0],
+            "img_size": train.shape[1],
+            "params": sum(p.numel() for p in model.net.parameters()),
+        },
+        "data": {
+            "dataset": cfg.data.dataset,
+            "data_dir": cfg.data.data_dir,
+            "classes": train.classes,
+            "input_shape": list(train.shape),
+            "mean": model.mean.flatten().tolist(),
+            "std": model.std.flatten().tolist(),
+            "train_size": len(train),
+            "val_size": len(val) if val is not None else 0,
+            "conversions": train.meta.get("conversions", {}),
+            "fingerprint": train.meta.get("fingerprint"),
+            "classes_from": train.meta.get("classes_from", "the dataset"),
+            "bad_images": len(train.meta.get("bad_images", [])),
+        },
+        "tta": cfg.train.tta,
+        "config": cfg.to_dict(),
+        "seed": cfg.train.seed,
+        "runtime": {
+            "device": str(device),
+            "precision": str(dtype or "fp32"),
+            "threads": threads,
+            "channels_last": channels_last,
+        },
+        "versions": environment(),
+        "history": history,
+    }
 
 
 def read_info(run_dir: Path) -> dict[str, Any]:

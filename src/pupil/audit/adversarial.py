@@ -38,6 +38,7 @@ from pupil.audit.common import (
     validate_settings,
 )
 from pupil.robust.attacks import NORMS, fgsm, pgd
+from pupil.runtime import autocast, to_input
 
 # The headline's epsilon is the largest listed one at or below this (pixel units).
 REFERENCE_EPS = {"linf": 0.1, "l2": 1.0}
@@ -102,7 +103,6 @@ class Attacker:
     """Runs FGSM and PGD (with restarts) over the images that are still classified correctly, in batches."""
 
     def __init__(self, model: torch.nn.Module, cfg: AdversarialConfig, ctx: AuditContext):
-        from pupil.training.loop import autocast
 
         self.model, self.cfg, self.ctx = model, cfg, ctx
         self.autocast = lambda: autocast(ctx.device, ctx.dtype)
@@ -148,10 +148,10 @@ class Attacker:
 @CHECKS.register("adversarial")
 class Adversarial(Check):
     name, title, Config = "adversarial", "Adversarial robustness", AdversarialConfig
+    requires, extra = ("torchattacks",), "robust"
     quick = {"n": 500, "steps": 10}
 
     def run(self, ctx: AuditContext, cfg: AdversarialConfig) -> dict:
-        from pupil.training.loop import to_input
 
         model = ctx.model.eval()
         idx = subset_indices(len(ctx.test), cfg.n, ctx.seed)

@@ -30,6 +30,7 @@ from pupil.audit.common import (
     validate_settings,
 )
 from pupil.robust.smoothing import ABSTAIN, certify_batch, max_radius
+from pupil.runtime import autocast, to_input
 
 HEADLINE_RADIUS = 0.5
 CURVE_POINTS = 101
@@ -81,7 +82,6 @@ class Certify(Check):
     quick = {"images": 50, "n0": 50, "n": 1000}
 
     def run(self, ctx: AuditContext, cfg: CertifyConfig) -> dict:
-        from pupil.training.loop import autocast, to_input
 
         model = ctx.model.eval()
         idx = subset_indices(len(ctx.test), cfg.images, ctx.seed)

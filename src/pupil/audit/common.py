@@ -16,6 +16,7 @@ import math
 import time
 import typing
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,9 +26,13 @@ import torch
 
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
+from pupil.extras import install_hint, missing, require
 from pupil.io import write_json
+from pupil.predict import predict_logits
 from pupil.registry import Registry
+from pupil.results import section_problem, validate
 from pupil.run import Run, load_run
+from pupil.runtime import autocast, resolve_device, resolve_precision, to_input
 
 CHECKS = Registry("check")
 BUDGETS = ("quick", "full")
@@ -41,6 +46,9 @@ class Check:
     title: ClassVar[str]
     Config: ClassVar[type]
     quick: ClassVar[dict[str, Any]] = {}
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Modules the check imports beyond pupil's core, and the pip extra that brings them."""
+    extra: ClassVar[str] = ""
 
     def config(self, budget: str, overrides: dict[str, Any] | None = None) -> Any:
         """The budget's settings updated with ``overrides``; the Config checks each value's type and range."""
@@ -222,8 +230,6 @@ class AuditContext:
         """Logits (N, K) over a split, computed once per audit and shared by every check."""
         key = f"logits/{split}"
         if key not in self._cache:
-            from pupil.training.loop import predict_logits
-
             t0 = time.perf_counter()
             self._cache[key] = predict_logits(
                 self.model, self.split(split), self.batch_size, self.device, self.dtype, self.channels_last
@@ -233,6 +239,29 @@ class AuditContext:
 
     def targets(self, split: str = "test") -> torch.Tensor:
         return self.split(split).targets
+
+    def forward(
+        self, images: torch.Tensor, fn: Callable[[torch.Tensor], Any] | None = None, batch_size: int = 0, grad=False
+    ) -> Any:
+        """``fn(x)`` (default: the model) over uint8 images (N, C, H, W), chunk by chunk: each chunk becomes [0, 1]
+        floats on the device, channels-last when the run is, under the run's autocast and, unless ``grad``, in
+        inference mode. ``fn`` returns a tensor or a tuple of tensors (or None); each is concatenated in float32 on
+        the CPU. The one batching loop of the audit, so that device, format and precision are decided once."""
+        fn = fn or self.model
+        parts: list[Any] = []
+        mode = nullcontext() if grad else torch.inference_mode()
+        with mode:
+            for chunk in images.split(batch_size or self.batch_size):
+                x = to_input(chunk, self.device, self.channels_last)
+                with autocast(self.device, self.dtype):
+                    out = fn(x)
+                parts.append(tuple(o.detach().float().cpu() if o is not None else None for o in _tuple(out)))
+        joined = tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True))
+        return joined if isinstance(out, tuple) else joined[0]
+
+
+def _tuple(out: Any) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def table(columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
@@ -255,13 +284,14 @@ def headline(label: str, value: float, higher_is_better: bool, unit: str = "", c
 
 
 def make_context(run_dir: str | Path, device: str, budget: str, seed: int, data_dir: str | None = None) -> AuditContext:
-    from pupil.training.loop import resolve_device, resolve_precision
 
     if budget not in BUDGETS:
         raise PupilError(f"unknown budget {budget!r}; choose {' or '.join(BUDGETS)}")
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
     info, cfg = run.info, run.info["config"]
+    if info["runtime"]["channels_last"]:  # the weights too: channels-last inputs alone gain little
+        run.model.to(memory_format=torch.channels_last)
     test = run.split("test", data_dir)
     val = run.split("val", data_dir) if cfg["data"]["val_size"] else None
     return AuditContext(
@@ -295,12 +325,20 @@ def run_audit(
     """
     from pupil.audit import DEFAULT_CHECKS
 
-    names = checks or list(DEFAULT_CHECKS)
+    names = list(checks or DEFAULT_CHECKS)
     settings = settings or {}
     for n in [*names, *settings]:
         CHECKS.entry(n)  # an unknown name fails before any work
     if unknown := set(settings) - set(names):
         raise PupilError(f"settings given for check(s) not being run: {', '.join(sorted(unknown))}")
+    skipped = []
+    for n in list(names):
+        check = CHECKS.get(n)
+        if gone := missing(check.requires):
+            if checks:  # asked for by name: refuse in one line
+                require(gone, f"the {n} check", check.extra)
+            names.remove(n)  # the default list: run the rest and say what was left out
+            skipped.append(f"skipped the {n} check: it needs {install_hint(gone, check.extra)}")
     configs = {n: CHECKS.get(n)().config(budget, settings.get(n)) for n in names}  # bad settings fail here too
     ctx = make_context(run_dir, device, budget, seed, data_dir)
     audit = {
@@ -323,6 +361,7 @@ def run_audit(
     }
     path = Path(run_dir) / "results.json"
     sections, dropped, notes = earlier_sections(path, audit, names)
+    notes = skipped + notes
     for n, cfg in configs.items():
         check = CHECKS.get(n)()
         if on_check:
@@ -354,8 +393,6 @@ def run_audit(
         "audit": audit,
         "checks": {k: sections[k] for k in sorted(sections, key=_order)},
     }
-    from pupil.report.schema import validate
-
     validate(results)
     write_json(path, results)
     return results
@@ -370,8 +407,6 @@ def earlier_sections(
     results schema. Dropped (as ``{"check", "reason"}``): those that do not, so that one hand-edited or
     outdated section costs a re-run of its check instead of blocking every later audit.
     """
-    from pupil.report.schema import section_problem
-
     if not path.exists():
         return {}, [], []
     try:

@@ -34,6 +34,7 @@ from pupil.data.corruptions import (
 )
 from pupil.errors import PupilError
 from pupil.io import read_json
+from pupil.runtime import autocast
 
 EXAMPLE_SIDE = 64  # example images in results.json are at most this many pixels on a side
 
@@ -175,7 +176,6 @@ def predict_corrupted(
     """Logits (N, K) of the model on the corrupted images, and the first corrupted image as uint8 (C, H, W).
 
     One generator per (corruption, severity), seeded from the audit seed, so each cell repeats on its own."""
-    from pupil.training.loop import autocast
 
     g = torch.Generator(device=ctx.device).manual_seed(corruption_seed(ctx.seed, name, severity))
     model = ctx.model.eval()

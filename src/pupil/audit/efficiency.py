@@ -13,7 +13,7 @@ import torch
 
 from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, validate_settings
 from pupil.models.stats import count_flops, count_params
-from pupil.training.loop import autocast
+from pupil.runtime import autocast
 
 
 def timed(fn, repeats: int, warmup: int, device: torch.device) -> list[float]:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, headline, validate_settings
-from pupil.training.energy import EnergyMeter, grid_codes
-from pupil.training.loop import predict_logits
+from pupil.energy import EnergyMeter, grid_codes
+from pupil.predict import predict_logits
 
 
 @dataclass

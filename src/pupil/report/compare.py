@@ -11,7 +11,7 @@ from typing import Any
 
 from pupil.errors import PupilError
 from pupil.io import write_json, write_text
-from pupil.report.schema import load_results
+from pupil.results import load_results
 
 SETTINGS = ("dataset", "split", "n", "budget", "seed", "device", "threads", "precision")
 # (key, label, higher is better)

@@ -13,7 +13,7 @@ import yaml
 
 from pupil.errors import PupilError
 from pupil.io import read_json, write_text
-from pupil.report.schema import load_results
+from pupil.results import load_results
 
 HERE = Path(__file__).parent
 UNITS = {"fraction": "%", "ms": " ms", "J": " J"}

@@ -1,5 +1,6 @@
 """Training: the loop, tasks, optimizers, schedules and checkpoints."""
 
-from pupil.training.loop import evaluate, fit, predict_logits
+from pupil.predict import evaluate, predict_logits
+from pupil.training.loop import fit
 
 __all__ = ["evaluate", "fit", "predict_logits"]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the step (nanoGPT's ``get_lr``)."""
+"""Learning-rate schedules as pure functions of the step (nanoGPT's ``get_lr``), and their fit to a time budget."""
 
 from __future__ import annotations
 
@@ -22,3 +22,22 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = "cosine", min_rati
     if kind == "onecycle":
         return min_ratio + (1 - min_ratio) * (1 - progress)
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+BUDGET_PROBE_STEPS = 20
+# A forward pass without gradients costs about a third of a training step (fp32, measured on CPU); fit_budget
+# reserves this fraction of a step for each batch of the precise-BN pass.
+PRECISE_BN_STEP_COST = 0.35
+
+
+def fit_budget(
+    total_steps: int, warmup_steps: int, probe_s: float, max_minutes: float, bn_batches: int = 0
+) -> tuple[int, int]:
+    """The (total, warm-up) steps that fit ``max_minutes`` at the speed of the first ``BUDGET_PROBE_STEPS`` steps
+    (``probe_s`` seconds), with time kept for ``bn_batches`` of precise BN, so that the learning-rate schedule
+    still ends at its minimum when the time is up (used to compare models under one wall-clock budget). The
+    first steps include warm-up costs, so the estimate errs on the short side."""
+    per_step = probe_s / BUDGET_PROBE_STEPS
+    reserve = PRECISE_BN_STEP_COST * bn_batches * per_step  # the precise-BN pass is inside the budget
+    total = max(BUDGET_PROBE_STEPS + 1, min(total_steps, int((max_minutes * 60 - reserve) / per_step)))
+    return total, min(warmup_steps, total // 5)
