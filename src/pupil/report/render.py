@@ -180,104 +180,57 @@ def data_lines(audit: dict[str, Any]) -> list[str]:
 
 
 def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
-    """A model card in the spirit of Mitchell et al. (2019), filled from results.json and run.json.
+    """A model card in the spirit of Mitchell et al. (2019), from ``templates/model_card.md.j2``, filled from
+    results.json and run.json (``info``, optional). The template passes every value from those files through
+    ``escape_md``; this function only picks the figures out."""
+    import jinja2
 
-    Every value taken from those files goes through ``escape_md``: both are the user's to edit, and class names,
-    run, dataset and group names come from the user's data.
-    """
-    md = escape_md
-    r, a, checks = results["run"], results["audit"], results["checks"]
-    lines = [f"# Model card: {md(r['name'])}", "", "## Model details", ""]
-    m = r["model"]
-    params = fmt(m["params"]) if "params" in m else "?"
-    lines += [f"- Architecture: {md(m['name'])} ({md(params)} parameters), {md(m['num_classes'])} classes."]
-    if info:
-        cfg, versions = info.get("config", {}), info.get("versions", {})
-        opt = cfg.get("optim", {})
-        lines += [
-            f"- Trained by pupil {md(versions.get('pupil', '?'))} with torch {md(versions.get('torch', '?'))}: "
-            f"{md(cfg.get('train', {}).get('epochs'))} epochs of {md(opt.get('opt'))} (peak lr {md(opt.get('lr'))}, "
-            f"{md(opt.get('sched'))} schedule, label smoothing {md(opt.get('label_smoothing'))}), "
-            f"seed {md(info.get('seed'))}.",
-            f"- Deployed with flip test-time augmentation: {'yes' if info.get('tta') else 'no'}. "
-            "Inputs are pixels in [0, 1]; normalisation is inside the model.",
-        ]
-    lines += [
-        "",
-        "## Intended use",
-        "",
-        f"- Classifying {md(r['dataset'])} images into: {', '.join(md(c) for c in r['classes'])}.",
-        "- A benchmark and teaching model: it was not validated for decisions about people, health or safety.",
-        "- Out of scope: images unlike the training data (other domains, sizes, colour statistics); "
-        "the audit's figures do not transfer to them.",
-        "",
-    ]
-    lines += ["## Training data", ""]
-    if info:
-        d = info["data"]
-        lines += [
-            f"- {md(d['dataset'])}: {md(fmt(d['train_size']))} training images, {md(fmt(d['val_size']))} held out "
-            f"for validation (seeded, class-stratified); input {md('x'.join(map(str, d['input_shape'])))}."
-        ]
-    else:
-        lines += ["- run.json was not available."]
-    lines += [
-        "",
-        "## Evaluation data",
-        "",
-        f"- The untouched {md(a['split'])} split: {md(fmt(a['n']))} images. Audit budget {md(a['budget'])}, "
-        f"seed {md(a['seed'])}, {md(a['device'])}, {md(a['threads'])} threads, {md(a['precision'])}.",
-        *data_lines(a),
-        "",
-    ]
-    lines += ["## Metrics", "", "| check | figure | value | 95% interval |", "| --- | --- | ---: | --- |"]
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=False,  # Markdown, not HTML: escape_md does the escaping, value by value
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["md"], env.filters["fmt"] = escape_md, fmt
+    checks, m, cfg = results["checks"], results["run"]["model"], (info or {}).get("config", {})
+    metrics = []
     for s in checks.values():
-        h = s["headline"]
-        ci = f"{fmt(h['ci95'][0], h.get('unit', ''))} – {fmt(h['ci95'][1], h.get('unit', ''))}" if "ci95" in h else ""
-        lines.append(f"| {md(s['title'])} | {md(h['label'])} | {md(fmt(h['value'], h.get('unit', '')))} | {md(ci)} |")
+        h, unit = s["headline"], s["headline"].get("unit", "")
+        ci = f"{fmt(h['ci95'][0], unit)} – {fmt(h['ci95'][1], unit)}" if "ci95" in h else ""
+        metrics.append({"title": s["title"], "label": h["label"], "value": fmt(h["value"], unit), "ci": ci})
+    accuracy = None
     if "accuracy" in checks:
         am = checks["accuracy"]["metrics"]
-        ci = am["ci95"]["macro_f1"]
-        lines += ["", f"Macro-F1 {am['macro_f1']:.4f} (95% bootstrap interval {ci[0]:.4f} – {ci[1]:.4f})."]
         worst = sorted(checks["accuracy"]["tables"]["per_class"]["rows"], key=lambda row: row[3])[:3]
-        lines.append("Lowest recall: " + ", ".join(f"{md(w[0])} ({w[3] * 100:.1f}%)" for w in worst) + ".")
-    if "calibration" in checks and "temperature" in checks["calibration"]["metrics"]:
-        cm = checks["calibration"]["metrics"]
-        lines.append(
-            f"Temperature scaling (T = {cm['temperature']:.3f}, fitted on the validation split) moves ECE "
-            f"from {cm['before']['ece']:.4f} to {cm['after']['ece']:.4f}."
-        )
-    lines += ["", "## Ethical considerations", ""]
+        accuracy = {"macro_f1": am["macro_f1"], "ci": am["ci95"]["macro_f1"], "worst": worst}
+    calibration = checks.get("calibration", {}).get("metrics")
     fair = checks.get("fairness", {}).get("metrics", {})
+    fairness_column = None
     if fair.get("attribute_kind") == "column":
         h = checks["fairness"]["headline"]
-        lines.append(
-            f"- Groups by {md(fair['attribute'])}: {md(h['label'])} {md(fmt(h['value'], h.get('unit', '')))} "
-            "(see the report's fairness section for every metric, gap and interval)."
-        )
-    else:
-        lines.append(
-            "- The evaluation data carries no demographic attributes, so nothing here says how the model treats "
-            "groups of people"
-            + (
-                "; the fairness section compares a declared image property or discovered slices only."
-                if fair
-                else "; a fairness audit (`--checks fairness --groups COLUMN`) needs data that records them."
-            )
-        )
-    lines += [
-        "- Energy figures are estimates from codecarbon's power model (see the report's energy section).",
-        "",
-        "## Caveats and recommendations",
-        "",
-        "- Figures hold for this split and these settings only; re-audit on data from the deployment setting.",
-        "- Accuracy intervals are percentile bootstrap intervals over test images; they do not cover "
-        "training randomness (train several seeds for that).",
-    ]
-    for s in checks.values():
-        for note in s.get("notes", []):
-            lines.append(f"- {md(s['title'])}: {md(note)}")
-    return "\n".join(lines) + "\n"
+        fairness_column = {
+            "attribute": fair["attribute"],
+            "label": h["label"],
+            "value": fmt(h["value"], h.get("unit", "")),
+        }
+    return env.get_template("model_card.md.j2").render(
+        run=results["run"],
+        audit=results["audit"],
+        info=info,
+        versions=(info or {}).get("versions", {}),
+        train=cfg.get("train", {}),
+        optim=cfg.get("optim", {}),
+        params=fmt(m["params"]) if "params" in m else "?",
+        data_lines=data_lines(results["audit"]),
+        metrics=metrics,
+        accuracy=accuracy,
+        calibration=calibration if calibration and "temperature" in calibration else None,
+        fairness_column=fairness_column,
+        fairness_ran=bool(fair),
+        notes=[(s["title"], note) for s in checks.values() for note in s.get("notes", [])],
+    )
 
 
 def render_run(run_dir: str | Path, thresholds: str | Path | None = None) -> tuple[Path, Path]:
