@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pupil.audit.explain import deletion_insertion, deletion_insertion_loop, gradcam, saliency
+from pupil.explain import deletion_insertion, deletion_insertion_loop, gradcam, saliency
 from pupil.io import write_json
 from pupil.run import load_run
 from pupil.runtime import setup_threads

@@ -9,10 +9,11 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from torchmetrics.classification import MulticlassCalibrationError
 
 from pupil.audit import run_audit
-from pupil.audit.accuracy import averages, bootstrap_ci, confusion_matrix, prf, quadratic_weighted_kappa
-from pupil.audit.calibration import bin_stats, brier, ece, fit_temperature, mce
+from pupil.audit.accuracy import averages, bootstrap_ci, quadratic_weighted_kappa
+from pupil.audit.calibration import fit_temperature
 from pupil.config import build
 from pupil.errors import PupilError
+from pupil.metrics import bin_stats, brier, confusion_matrix, ece, mce, prf
 from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT

@@ -5,8 +5,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 from torch import nn
 
-from pupil.audit import explain as E
+from pupil import explain as E
 from pupil.audit import run_audit
+from pupil.audit.explain import ExplainConfig
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.models import PixelModel, create, gradcam_module
@@ -242,11 +243,11 @@ def test_explain_image_and_overlay(trained, tmp_path):
 
 def test_config_rejects_bad_settings():
     with pytest.raises(PupilError, match="unknown explanation method"):
-        E.ExplainConfig(methods="gradcam,nope")
+        ExplainConfig(methods="gradcam,nope")
     with pytest.raises(PupilError, match="baseline"):
-        E.ExplainConfig(baseline="grey")
+        ExplainConfig(baseline="grey")
     with pytest.raises(PupilError, match="steps"):
-        E.ExplainConfig(steps=0)
+        ExplainConfig(steps=0)
 
 
 def test_explain_check_end_to_end(run_dir):

@@ -11,18 +11,18 @@ from torch import nn
 
 import pupil.audit.ood  # noqa: F401  (registers the check)
 from pupil.audit import run_audit
-from pupil.audit.ood import (
-    OODConfig,
-    convert_images,
+from pupil.audit.ood import OODConfig, convert_images, forward_pass, load_ood
+from pupil.config import build
+from pupil.errors import PupilError
+from pupil.models import PixelModel, create
+from pupil.ood import (
     detection_metrics,
     energy,
     fit_knn,
     fit_mahalanobis,
     fit_vim,
-    forward_pass,
     knn,
     linear_head,
-    load_ood,
     mahalanobis,
     max_logit,
     msp,
@@ -31,9 +31,6 @@ from pupil.audit.ood import (
     score_images,
     vim,
 )
-from pupil.config import build
-from pupil.errors import PupilError
-from pupil.models import PixelModel, create
 from pupil.results import load_results
 from pupil.training.loop import fit
 from tests.conftest import ROOT

@@ -117,7 +117,7 @@ def predict_cmd(
         probs = model(x).softmax(1).cpu()
     ood = None
     if ood_below is not None:
-        from pupil.audit.ood import score_images
+        from pupil.ood import score_images
 
         ood = score_images(model, x, ood_score).cpu()
     k = min(top, probs.shape[1])
@@ -172,9 +172,9 @@ def explain_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Explain one prediction: write the image with the method's saliency map overlaid as a PNG."""
-    from pupil.audit.explain import explain_image, overlay_png
-    from pupil.audit.explain import method as check_method
     from pupil.data.images import read_images
+    from pupil.explain import explain_image, overlay_png
+    from pupil.explain import method as check_method
     from pupil.run import load_run
     from pupil.runtime import resolve_device
 

@@ -3,7 +3,8 @@ bootstrap confidence intervals, the most confused class pairs, and for ordered l
 weighted kappa and sensitivity/specificity at a threshold.
 
 Metric functions are pure and work from a confusion matrix, so each has a short test against
-scikit-learn or torchmetrics.
+scikit-learn or torchmetrics. The confusion matrix and per-class precision/recall/F1 (``prf``) live in
+``pupil.metrics``, shared with the fairness check.
 """
 
 from __future__ import annotations
@@ -14,23 +15,7 @@ import torch
 
 from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, table, validate_settings
 from pupil.errors import PupilError
-
-
-def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
-    """(K, K) counts, rows = true class, columns = predicted class."""
-    return torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-
-
-def prf(cm: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined, as sklearn)."""
-    cm = cm.double()
-    tp = cm.diagonal(dim1=-2, dim2=-1)
-    predicted, support = cm.sum(-2), cm.sum(-1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), 0.0)
-    recall = torch.where(support > 0, tp / support.clamp_min(1), 0.0)
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-300), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+from pupil.metrics import confusion_matrix, prf
 
 
 def averages(cm: torch.Tensor) -> dict[str, float]:

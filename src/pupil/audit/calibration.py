@@ -1,6 +1,8 @@
 """Calibration: expected calibration error (15 equal-width bins; Guo et al. 2017) and adaptive ECE
 (equal-mass bins; Nixon et al. 2019), maximum calibration error, Brier score, negative log-likelihood,
 the reliability diagram, and temperature scaling fitted on the validation split with the metrics after it.
+
+The metric functions live in ``pupil.metrics``, shared with the other checks that report ECE.
 """
 
 from __future__ import annotations
@@ -11,44 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, headline, validate_settings
-
-
-def bin_stats(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> dict:
-    """Per-bin count, mean confidence and accuracy. Equal-width bins are [b_i, b_i+1) as torchmetrics uses;
-    adaptive bins hold equal numbers of samples (sorted by confidence)."""
-    conf, correct = conf.double(), correct.double()
-    if adaptive:
-        order = conf.argsort()
-        idx = torch.empty_like(order)
-        idx[order] = torch.arange(len(conf)) * n_bins // len(conf)
-        edges = None
-    else:
-        edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-        idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins).double()
-    sum_conf = torch.bincount(idx, conf, minlength=n_bins)
-    sum_acc = torch.bincount(idx, correct, minlength=n_bins)
-    safe = count.clamp_min(1)
-    return {"count": count, "confidence": sum_conf / safe, "accuracy": sum_acc / safe, "edges": edges}
-
-
-def ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> float:
-    """Sum over bins of |accuracy - confidence| weighted by the bin's share of samples."""
-    s = bin_stats(conf, correct, n_bins, adaptive)
-    return ((s["accuracy"] - s["confidence"]).abs() * s["count"] / s["count"].sum()).sum().item()
-
-
-def mce(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """The largest |accuracy - confidence| over non-empty bins."""
-    s = bin_stats(conf, correct, n_bins)
-    gap = (s["accuracy"] - s["confidence"]).abs()
-    return gap[s["count"] > 0].max().item()
-
-
-def brier(probs: torch.Tensor, y: torch.Tensor) -> float:
-    """Multiclass Brier score: mean over samples of the squared distance to the one-hot label (range 0..2)."""
-    onehot = F.one_hot(y, probs.shape[1]).double()
-    return ((probs.double() - onehot) ** 2).sum(1).mean().item()
+from pupil.metrics import bin_stats, brier, ece, mce
 
 
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor, iters: int = 100) -> float:

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from pupil.audit.calibration import ece
 from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, parses, table, validate_settings
 from pupil.data import stratified_split
 from pupil.data.corruptions import (
@@ -34,6 +33,7 @@ from pupil.data.corruptions import (
 )
 from pupil.errors import PupilError
 from pupil.io import read_json
+from pupil.metrics import ece
 from pupil.runtime import autocast
 
 EXAMPLE_SIDE = 64  # example images in results.json are at most this many pixels on a side

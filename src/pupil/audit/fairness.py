@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pupil.audit.accuracy import prf
-from pupil.audit.calibration import ece
 from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, one_of, table, validate_settings
 from pupil.errors import PupilError
+from pupil.metrics import ece, prf
 
 PROXIES = ("brightness", "none")
 BRIGHTNESS = ["dark", "medium", "bright"]

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pupil.audit.calibration import ece
 from pupil.audit.common import (
     CHECKS,
     Allowed,
@@ -38,6 +37,7 @@ from pupil.audit.common import (
 )
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
+from pupil.metrics import ece
 from pupil.predict import predict_logits
 from pupil.runtime import autocast, to_input
 
