@@ -116,6 +116,8 @@ def test_model_card_escapes_user_strings(audited, tmp_path):
     results["run"]["classes"] = [rename[c] for c in classes]
     for row in results["checks"]["accuracy"]["tables"]["per_class"]["rows"]:
         row[0] = rename[row[0]]
+    for pair in results["checks"]["accuracy"]["summary"]["worst_classes"]:  # the card's lowest-recall line
+        pair[0] = rename[pair[0]]
     results["run"]["name"] = "run|<b>x</b>\nname"
     results["run"]["dataset"] = info["data"]["dataset"] = "data|set\r\n<script>"
     results["checks"]["accuracy"]["headline"]["label"] = "top-1 | <img src=x onerror=alert(1)> |\nnext"

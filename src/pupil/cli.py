@@ -138,19 +138,18 @@ def _deferral_threshold(run: str, value: str | None) -> float | None:
     if value is None:
         return None
     if value == "auto":
-        from pupil.io import read_json
+        from pupil.results import consumed, load_results
 
-        results = read_json(Path(run) / "results.json", f"--defer-below auto needs an audit: run pupil audit {run}")
-        try:
-            m = results["checks"]["uncertainty"]["metrics"]
-            t = m["sources"]["softmax"]["deferral"]["threshold"]
-        except KeyError:
-            raise PupilError(f"--defer-below auto: {run}/results.json has no uncertainty section") from None
-        if t is None:
+        if not (Path(run) / "results.json").exists():
+            raise PupilError(f"--defer-below auto needs an audit: run pupil audit {run}")
+        soft = consumed(load_results(run), "predict", "uncertainty")
+        if soft is None:
+            raise PupilError(f"--defer-below auto: {run}/results.json has no uncertainty section")
+        if soft["deferral_threshold"] is None:
             raise PupilError(
-                f"the audit found no confidence threshold that reaches {m['target_accuracy']:.0%} accuracy"
+                f"the audit found no confidence threshold that reaches {soft['target_accuracy']:.0%} accuracy"
             )
-        return float(t)
+        return float(soft["deferral_threshold"])
     try:
         t = float(value)
     except ValueError:

@@ -2,9 +2,12 @@
 
 The audit writes results.json and the report reads it; both import this module, so neither imports the other.
 
-Version 1.x: one section per check, each with ``title``, ``config``, ``runtime_s``, ``headline``
-(label, value, direction, unit, optional 95% interval), ``metrics``, ``tables`` (columns + rows),
-``curves`` (the raw data plots are drawn from) and ``notes``.
+Version 2.x: one section per check, each with ``title``, ``config``, ``runtime_s``, ``headline``
+(label, value, direction, unit, optional 95% interval), ``summary``, ``metrics``, ``tables`` (columns + rows),
+``curves`` (the raw data plots are drawn from) and ``notes``. ``summary`` is the flat part other code reads:
+a handful of the check's figures under stable names (``SUMMARY_KEYS``), copied from its metrics. Code outside
+the audit reads figures from ``summary`` only (``CONSUMED`` lists what each reader takes, ``consumed`` gives
+it); ``metrics`` may change shape between minor versions. Version 1.x had no summary and is refused on reading.
 """
 
 from __future__ import annotations
@@ -18,7 +21,42 @@ from pupil.errors import PupilError
 from pupil.io import read_json
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+SCHEMA_VERSION = "2.0"  # the major part must match the schema's schema_version pattern
 MESSAGE_CHARS = 200  # jsonschema quotes the whole offending value; a long one is cut to keep the error one line
+
+# The keys each check's summary must have (a check not listed needs none). Units are in the name where a figure
+# has one; fractions (accuracies, gaps, ECE) are in [0, 1]; ``*_ci95`` is a [low, high] 95% interval.
+SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("top1", "top1_ci95", "top5", "macro_f1", "macro_f1_ci95", "worst_classes"),
+    "calibration": ("ece", "ece_after_temperature", "temperature"),
+    "efficiency": ("params", "flops", "latency_ms_p50", "throughput_img_s"),
+    "energy": ("energy_j_per_1000_images", "energy_kwh", "emissions_kg_co2eq", "images"),
+    "corruption": ("mean_corrupted_top1", "clean_top1", "mce", "relative_mce"),
+    "adversarial": ("robust_top1", "eps", "norm", "clean_top1"),
+    "certify": ("certified_top1", "radius", "sigma"),
+    "ood": ("mean_auroc", "mean_fpr95", "score", "best_score"),
+    "uncertainty": ("deferral_threshold", "target_accuracy", "deferred", "aurc"),
+    "explain": ("insertion_deletion_gap", "method"),
+    "fairness": ("accuracy_gap", "accuracy_gap_ci95", "attribute", "attribute_kind"),
+}
+
+# What each reader of results.json takes from which check's summary. The readers get their figures through
+# ``consumed``, which hands over these keys only, so a reader cannot use a key that is not listed here; the
+# contract test runs every check and looks for every key listed.
+CONSUMED: dict[str, dict[str, tuple[str, ...]]] = {
+    "compare": {
+        "accuracy": ("top1", "top1_ci95", "macro_f1"),
+        "calibration": ("ece",),
+        "efficiency": ("params", "flops", "latency_ms_p50", "throughput_img_s"),
+        "energy": ("energy_j_per_1000_images",),
+    },
+    "model_card": {
+        "accuracy": ("macro_f1", "macro_f1_ci95", "worst_classes"),
+        "calibration": ("ece", "ece_after_temperature", "temperature"),
+        "fairness": ("accuracy_gap", "attribute", "attribute_kind"),
+    },
+    "predict": {"uncertainty": ("deferral_threshold", "target_accuracy")},
+}
 
 
 @cache
@@ -27,15 +65,35 @@ def schema() -> dict[str, Any]:
 
 
 def validate(results: dict[str, Any], source: str = "results") -> None:
-    """Raise PupilError naming the first place where ``results`` breaks the schema."""
-    if problem := _problem(results, schema()):
+    """Raise PupilError naming the first place where ``results`` breaks the schema or a summary lacks a key."""
+    problem = _problem(results, schema())
+    if problem is None:  # the schema holds, so every section has a summary object
+        problem = next((f"checks/{n}/{p}" for n, s in results["checks"].items() if (p := _missing_keys(n, s))), None)
+    if problem:
         raise PupilError(f"{source} does not follow the results schema at {problem}")
 
 
-def section_problem(section: Any) -> str | None:
-    """Where and how one check's section breaks the schema ("headline: 'value' is a required property"), or None."""
+def section_problem(section: Any, name: str | None = None) -> str | None:
+    """Where and how one check's section breaks the schema ("headline: 'value' is a required property"), or None.
+    With the check's ``name``, its summary must also have the keys ``SUMMARY_KEYS`` lists."""
     full = schema()
-    return _problem(section, {"$schema": full["$schema"], **full["$defs"]["check"], "$defs": full["$defs"]})
+    problem = _problem(section, {"$schema": full["$schema"], **full["$defs"]["check"], "$defs": full["$defs"]})
+    return problem or (_missing_keys(name, section) if name else None)
+
+
+def consumed(results: dict[str, Any], reader: str, check: str) -> dict[str, Any] | None:
+    """The summary figures of ``check`` that ``reader`` (a key of ``CONSUMED``) uses, or None when the check did
+    not run. Only the keys ``CONSUMED[reader][check]`` lists are handed over."""
+    section = results["checks"].get(check)
+    if section is None:
+        return None
+    return {k: section["summary"][k] for k in CONSUMED[reader][check]}
+
+
+def _missing_keys(name: str, section: dict[str, Any]) -> str | None:
+    if missing := [k for k in SUMMARY_KEYS.get(name, ()) if k not in section["summary"]]:
+        return f"summary: {', '.join(map(repr, missing))} {'is a' if len(missing) == 1 else 'are'} required"
+    return None
 
 
 def _problem(instance: Any, against: dict[str, Any]) -> str | None:
@@ -50,11 +108,25 @@ def _problem(instance: Any, against: dict[str, Any]) -> str | None:
     return None
 
 
+def other_version(results: Any) -> str | None:
+    """The words "an older" or "a newer" when ``results`` was written under another major schema version than
+    ``SCHEMA_VERSION``, else None (also when it names none: validation reports that)."""
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    major, ours = str(version).split(".")[0], int(SCHEMA_VERSION.split(".")[0])
+    if not isinstance(version, str) or not major.isdigit() or int(major) == ours:
+        return None
+    return "an older" if int(major) < ours else "a newer"
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read and validate a results.json (or the one inside a run directory)."""
+    """Read and validate a results.json (or the one inside a run directory); one written under another major
+    schema version is refused in one line that says what to do."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     results = read_json(path, f"{path} does not exist: run `pupil audit` on the run first")
+    if age := other_version(results):
+        todo = f"run pupil audit {path.parent} again" if age == "an older" else "upgrade pupil to read it"
+        raise PupilError(f"{path} was written by {age} pupil (schema {results['schema_version']}); {todo}")
     validate(results, str(path))
     return results

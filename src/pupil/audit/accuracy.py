@@ -17,6 +17,8 @@ from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, 
 from pupil.errors import PupilError
 from pupil.metrics import confusion_matrix, prf
 
+WORST_CLASSES = 3  # classes of lowest recall in the summary (the model card lists them)
+
 
 def averages(cm: torch.Tensor) -> dict[str, float]:
     """Macro and support-weighted precision/recall/F1 over the classes present in truth or predictions."""
@@ -127,8 +129,18 @@ class Accuracy(Check):
             pos_true, pos_pred = y >= cfg.positive_from, pred >= cfg.positive_from
             metrics["sensitivity"] = (pos_true & pos_pred).sum().item() / max(pos_true.sum().item(), 1)
             metrics["specificity"] = (~pos_true & ~pos_pred).sum().item() / max((~pos_true).sum().item(), 1)
+        worst = sorted(per_class, key=lambda row: row[3])[:WORST_CLASSES]  # stable: ties keep the class order
+        summary = {
+            "top1": metrics["top1"],
+            "top1_ci95": ci["top1"],
+            "top5": metrics.get("top5"),  # None with fewer than 5 classes (metrics then has top{k})
+            "macro_f1": metrics["macro_f1"],
+            "macro_f1_ci95": ci["macro_f1"],
+            "worst_classes": [[row[0], row[3]] for row in worst],  # [[class, recall], ...]
+        }
         return {
             "headline": headline("top-1 accuracy", metrics["top1"], True, "fraction", ci["top1"]),
+            "summary": summary,
             "metrics": metrics,
             "tables": {
                 "per_class": table(["class", "support", "precision", "recall", "f1"], per_class),

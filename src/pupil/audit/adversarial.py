@@ -225,6 +225,7 @@ class Adversarial(Check):
         label = f"PGD robust accuracy at ε={ref:g} ({NORM_LABEL[cfg.norm]})"
         return {
             "headline": headline(label, ref_acc, True, "fraction"),
+            "summary": {"robust_top1": ref_acc, "eps": ref, "norm": cfg.norm, "clean_top1": metrics["clean_accuracy"]},
             "metrics": metrics,
             "tables": {
                 "robust_accuracy": table(

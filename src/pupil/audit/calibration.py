@@ -90,6 +90,12 @@ class Calibration(Check):
         else:
             out["notes"].append("no validation split: temperature scaling was not fitted")
         out["headline"] = headline("ECE (15 bins)", before["ece"], False, "fraction")
+        m = out["metrics"]
+        out["summary"] = {
+            "ece": before["ece"],
+            "ece_after_temperature": m["after"]["ece"] if "after" in m else None,
+            "temperature": m.get("temperature"),  # None without a validation split
+        }
         out["curves"] = curves
         return out
 

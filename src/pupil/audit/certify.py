@@ -128,8 +128,10 @@ class Certify(Check):
         notes += _training_notes(ctx.run.info["config"]["train"], cfg.sigma)
         label = f"certified accuracy at L2 radius {r_head:g} (σ={cfg.sigma:g})"
         rows = [[r, certified_accuracy(r)] for r in radii]
+        summary = {"certified_top1": metrics["certified_accuracy"][f"{r_head:g}"], "radius": r_head, "sigma": cfg.sigma}
         return {
             "headline": headline(label, certified_accuracy(r_head), True, "fraction"),
+            "summary": summary,
             "metrics": metrics,
             "tables": {"certified_accuracy": table(["radius", "certified accuracy"], rows)},
             "curves": {

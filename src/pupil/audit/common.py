@@ -1,8 +1,9 @@
 """The audit runner and the Check protocol.
 
-A check is a registered class with a name, a ``Config`` dataclass and ``run(ctx, cfg) -> dict``. It never
-prints or renders, and never depends on another check except through the predictions that the
-context computes once and shares (``ctx.logits("test")``). The runner records each check's config and
+A check is a registered class with a name, a ``Config`` dataclass and ``run(ctx, cfg) -> dict``: its headline,
+summary (the figures other code reads, copied from its metrics; see ``pupil.results``), metrics, tables, curves
+and notes. It never prints or renders, and never depends on another check except through the predictions that
+the context computes once and shares (``ctx.logits("test")``). The runner records each check's config and
 runtime next to its figures, so that every number in ``results.json`` can be reproduced. Each ``Config``
 checks its settings in ``__post_init__`` with ``validate_settings`` (type from the hints, range or choices
 given there), so a bad ``--set`` value fails as one line before any work.
@@ -30,13 +31,12 @@ from pupil.extras import install_hint, missing, require
 from pupil.io import write_json
 from pupil.predict import predict_logits
 from pupil.registry import Registry
-from pupil.results import section_problem, validate
+from pupil.results import SCHEMA_VERSION, other_version, section_problem, validate
 from pupil.run import Run, load_run
 from pupil.runtime import autocast, resolve_device, resolve_precision, to_input
 
 CHECKS = Registry("check")
 BUDGETS = ("quick", "full")
-SCHEMA_VERSION = "1.0"
 
 
 class Check:
@@ -369,6 +369,8 @@ def run_audit(
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         result = check.run(ctx, cfg)
+        if not isinstance(result.get("summary"), dict):  # a bug in the check: fail before the next one runs
+            raise PupilError(f"the {n} check returned no summary (the figures other code reads)")
         result = {"title": check.title, "config": dataclasses.asdict(cfg), **result}
         result["runtime_s"] = round(time.perf_counter() - t0, 3)
         sections[n] = result
@@ -405,7 +407,8 @@ def earlier_sections(
 
     Kept: sections of checks not in ``rerun``, audited with the same split, budget and seed, that follow the
     results schema. Dropped (as ``{"check", "reason"}``): those that do not, so that one hand-edited or
-    outdated section costs a re-run of its check instead of blocking every later audit.
+    outdated section costs a re-run of its check instead of blocking every later audit. A file of another major
+    schema version (1.x sections have no summary) is replaced whole, with a note naming the sections lost.
     """
     if not path.exists():
         return {}, [], []
@@ -415,13 +418,19 @@ def earlier_sections(
         return {}, [], [f"the earlier results.json was not valid JSON ({e}); it was replaced"]
     if not isinstance(old, dict) or not isinstance(old.get("audit"), dict) or not isinstance(old.get("checks"), dict):
         return {}, [], ["the earlier results.json had no audit and checks objects; it was replaced"]
+    if age := other_version(old):
+        note = f"the earlier results.json was written by {age} pupil (schema {old['schema_version']}); it was replaced"
+        if lost := sorted(set(old["checks"]) - set(rerun)):
+            note += f" without its {', '.join(lost)} section(s): `pupil audit {path.parent} --checks {','.join(lost)}`"
+            note += " re-runs them"
+        return {}, [], [note]
     if any(old["audit"].get(k) != audit[k] for k in ("split", "budget", "seed")):
         return {}, [], []
     kept, dropped = {}, []
     for name, section in old["checks"].items():
         if name in rerun:
             continue
-        if problem := section_problem(section):
+        if problem := section_problem(section, name):
             reason = f"it broke the results schema at {problem}; `pupil audit {path.parent} --checks {name}` re-runs it"
             dropped.append({"check": name, "reason": reason})
         else:

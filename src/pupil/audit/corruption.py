@@ -135,6 +135,12 @@ class Corruption(Check):
         }
         return {
             "headline": headline("mean corruption accuracy", metrics["mean_accuracy"], True, "fraction"),
+            "summary": {
+                "mean_corrupted_top1": metrics["mean_accuracy"],
+                "clean_top1": clean_acc,  # on the same images
+                "mce": metrics.get("mce"),  # None without a baseline run
+                "relative_mce": metrics.get("relative_mce"),
+            },
             "metrics": metrics,
             "tables": tables(metrics),
             "curves": {

@@ -120,6 +120,12 @@ class Efficiency(Check):
         }
         return {
             "headline": headline("latency p50, batch 1", metrics["latency_ms"]["p50"], False, "ms"),
+            "summary": {
+                "params": metrics["params"],
+                "flops": metrics["flops_per_image"],  # per image as deployed: doubled under flip TTA
+                "latency_ms_p50": metrics["latency_ms"]["p50"],
+                "throughput_img_s": metrics["throughput_img_s"],
+            },
             "metrics": metrics,
             "curves": {"latency_ms": lat.tolist()},
         }

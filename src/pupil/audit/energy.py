@@ -60,6 +60,12 @@ class Energy(Check):
             notes.append(f"CPU power was modelled at {m['cpu_power_w']:.1f} W: no hardware counters were readable.")
         return {
             "headline": headline("energy per 1,000 images", m["energy_j_per_1000_images"], False, "J"),
+            "summary": {  # inference over the test split, `images` images in all (passes included)
+                "energy_j_per_1000_images": m["energy_j_per_1000_images"],
+                "energy_kwh": m["energy_kwh"],
+                "emissions_kg_co2eq": m["emissions_kg_co2eq"],
+                "images": n,
+            },
             "metrics": metrics,
             "notes": notes,
         }

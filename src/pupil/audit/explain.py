@@ -153,6 +153,7 @@ class Explain(Check):
         }
         return {
             "headline": headline(f"insertion - deletion AUC ({best})", per[best]["gap"], True, "AUC"),
+            "summary": {"insertion_deletion_gap": per[best]["gap"], "method": best},
             "metrics": metrics,
             "tables": {"faithfulness": table(["method", *columns], rows)},
             "curves": curves,

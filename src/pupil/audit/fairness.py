@@ -335,6 +335,12 @@ class Fairness(Check):
         label = f"accuracy gap between {attribute} groups"
         return {
             "headline": headline(label, acc_gap["difference"], False, "fraction", acc_gap["ci95"]),
+            "summary": {
+                "accuracy_gap": acc_gap["difference"],
+                "accuracy_gap_ci95": acc_gap["ci95"],
+                "attribute": attribute,
+                "attribute_kind": kind,  # column, proxy or slices
+            },
             "metrics": {
                 "attribute": attribute,
                 "attribute_kind": kind,

@@ -334,6 +334,12 @@ class OOD(Check):
         hist_scores = [s for s in per_score if s in HIST_SCORES or s == best]
         return {
             "headline": headline(label, metrics["mean"][lead]["auroc"], True, "fraction"),
+            "summary": {  # the headline score's means over the OOD sets
+                "mean_auroc": metrics["mean"][lead]["auroc"],
+                "mean_fpr95": metrics["mean"][lead]["fpr95"],
+                "score": lead,
+                "best_score": best,
+            },
             "metrics": metrics,
             "tables": {"ood": table(["set", "score", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR"], rows)},
             "curves": {"histograms": {s: histograms(per_score[s]) for s in hist_scores}},

@@ -387,6 +387,12 @@ class Uncertainty(Check):
         columns += ["threshold", "coverage", "accepted accuracy", "deferred"]
         return {
             "headline": headline(label, soft["deferred"], False, "fraction"),
+            "summary": {  # the plain softmax's figures
+                "deferral_threshold": soft["threshold"],  # None when no threshold reaches the target
+                "target_accuracy": cfg.target_accuracy,
+                "deferred": soft["deferred"],
+                "aurc": metrics["sources"]["softmax"]["aurc"],
+            },
             "metrics": metrics,
             "tables": {"sources": table(columns, rows)},
             "curves": curves,

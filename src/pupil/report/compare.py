@@ -1,4 +1,4 @@
-"""Rank many runs' results.json side by side: a leaderboard and Pareto plots.
+"""Rank many runs' results.json side by side: a leaderboard and Pareto plots, from the checks' summaries.
 
 Runs audited with different settings (dataset, split size, budget, seed, device, threads, precision)
 are flagged in the leaderboard rather than silently mixed.
@@ -11,7 +11,7 @@ from typing import Any
 
 from pupil.errors import PupilError
 from pupil.io import write_json, write_text
-from pupil.results import load_results
+from pupil.results import CONSUMED, consumed, load_results
 
 SETTINGS = ("dataset", "split", "n", "budget", "seed", "device", "threads", "precision")
 # (key, label, higher is better)
@@ -19,31 +19,27 @@ AXES = [("latency_ms", "batch-1 latency p50 (ms)", False), ("flops", "FLOPs per 
 
 
 def row(results: dict[str, Any], source: str) -> dict[str, Any]:
-    c = results["checks"]
-    get = lambda check, *keys: _dig(c.get(check, {}).get("metrics", {}), keys)
+    """One leaderboard row from a results.json's summaries (a figure of a check that did not run is None)."""
+
+    def get(check: str) -> dict[str, Any]:
+        return consumed(results, "compare", check) or dict.fromkeys(CONSUMED["compare"][check])
+
+    acc, cal, eff, energy = get("accuracy"), get("calibration"), get("efficiency"), get("energy")
     return {
         "name": results["run"]["name"],
         "source": source,
         "model": results["run"]["model"]["name"],
-        "params": get("efficiency", "params") or results["run"]["model"].get("params"),
-        "flops": get("efficiency", "flops_per_image"),
-        "top1": get("accuracy", "top1"),
-        "top1_ci": get("accuracy", "ci95", "top1"),
-        "macro_f1": get("accuracy", "macro_f1"),
-        "ece": get("calibration", "before", "ece"),
-        "latency_ms": get("efficiency", "latency_ms", "p50"),
-        "throughput": get("efficiency", "throughput_img_s"),
-        "energy_j_per_1000": get("energy", "inference", "energy_j_per_1000_images"),
+        "params": eff["params"] or results["run"]["model"].get("params"),
+        "flops": eff["flops"],
+        "top1": acc["top1"],
+        "top1_ci": acc["top1_ci95"],
+        "macro_f1": acc["macro_f1"],
+        "ece": cal["ece"],
+        "latency_ms": eff["latency_ms_p50"],
+        "throughput": eff["throughput_img_s"],
+        "energy_j_per_1000": energy["energy_j_per_1000_images"],
         "settings": {k: (results["run"]["dataset"] if k == "dataset" else results["audit"].get(k)) for k in SETTINGS},
     }
-
-
-def _dig(d: Any, keys: tuple[str, ...]) -> Any:
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from pupil.errors import PupilError
 from pupil.io import read_json, write_text
-from pupil.results import load_results
+from pupil.results import consumed, load_results
 
 HERE = Path(__file__).parent
 UNITS = {"fraction": "%", "ms": " ms", "J": " J"}
@@ -182,7 +182,8 @@ def data_lines(audit: dict[str, Any]) -> list[str]:
 def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
     """A model card in the spirit of Mitchell et al. (2019), from ``templates/model_card.md.j2``, filled from
     results.json and run.json (``info``, optional). The template passes every value from those files through
-    ``escape_md``; this function only picks the figures out."""
+    ``escape_md``; this function only picks the figures out: each check's headline, and the summary figures
+    ``CONSUMED["model_card"]`` lists."""
     import jinja2
 
     env = jinja2.Environment(
@@ -200,21 +201,12 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
         h, unit = s["headline"], s["headline"].get("unit", "")
         ci = f"{fmt(h['ci95'][0], unit)} – {fmt(h['ci95'][1], unit)}" if "ci95" in h else ""
         metrics.append({"title": s["title"], "label": h["label"], "value": fmt(h["value"], unit), "ci": ci})
-    accuracy = None
-    if "accuracy" in checks:
-        am = checks["accuracy"]["metrics"]
-        worst = sorted(checks["accuracy"]["tables"]["per_class"]["rows"], key=lambda row: row[3])[:3]
-        accuracy = {"macro_f1": am["macro_f1"], "ci": am["ci95"]["macro_f1"], "worst": worst}
-    calibration = checks.get("calibration", {}).get("metrics")
-    fair = checks.get("fairness", {}).get("metrics", {})
+    accuracy = consumed(results, "model_card", "accuracy")
+    calibration = consumed(results, "model_card", "calibration")
+    fair = consumed(results, "model_card", "fairness")
     fairness_column = None
-    if fair.get("attribute_kind") == "column":
-        h = checks["fairness"]["headline"]
-        fairness_column = {
-            "attribute": fair["attribute"],
-            "label": h["label"],
-            "value": fmt(h["value"], h.get("unit", "")),
-        }
+    if fair and fair["attribute_kind"] == "column":
+        fairness_column = {"attribute": fair["attribute"], "value": fmt(fair["accuracy_gap"], "fraction")}
     return env.get_template("model_card.md.j2").render(
         run=results["run"],
         audit=results["audit"],
@@ -226,9 +218,9 @@ def model_card(results: dict[str, Any], info: dict[str, Any] | None) -> str:
         data_lines=data_lines(results["audit"]),
         metrics=metrics,
         accuracy=accuracy,
-        calibration=calibration if calibration and "temperature" in calibration else None,
+        calibration=calibration if calibration and calibration["temperature"] is not None else None,
         fairness_column=fairness_column,
-        fairness_ran=bool(fair),
+        fairness_ran=fair is not None,
         notes=[(s["title"], note) for s in checks.values() for note in s.get("notes", [])],
     )
 

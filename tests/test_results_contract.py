@@ -1,0 +1,139 @@
+"""results.json is a contract: every registered check writes a summary with the keys ``SUMMARY_KEYS`` names, and
+every reader outside the audit (compare, the model card, predict) finds the keys ``CONSUMED`` says it reads. The
+audit runs every check once on the smoke run with tiny settings; a results.json of schema 1.x is refused."""
+
+import json
+
+import pytest
+
+from pupil.audit import CHECKS, run_audit
+from pupil.cli import _deferral_threshold
+from pupil.config import build
+from pupil.errors import PupilError
+from pupil.report.compare import row
+from pupil.report.render import model_card
+from pupil.results import CONSUMED, SCHEMA_VERSION, SUMMARY_KEYS, load_results, schema, section_problem
+from pupil.training.loop import fit
+from tests.conftest import ROOT
+
+# Each check as small as its settings allow: the whole audit takes a few seconds on two cores.
+TINY = {
+    "accuracy": {"n_bootstrap": 50},
+    "efficiency": {"latency_repeats": 3, "warmup": 1, "throughput_batch": 16, "throughput_repeats": 1},
+    "corruption": {"n": 32, "corruptions": "gaussian_noise,contrast", "severities": "1,5"},
+    "adversarial": {"n": 32, "steps": 2, "epsilons": "0,0.1"},
+    "certify": {"images": 8, "n0": 10, "n": 50},
+    "ood": {"n_id": 64, "n_ood": 32, "n_fit": 64, "knn_k": 5},
+    "uncertainty": {"n": 64, "mc_samples": 2, "tta_samples": 2},
+    "explain": {"n": 4, "steps": 2, "lime_samples": 8, "shap_samples": 8, "ig_steps": 4, "examples": 1},
+    "fairness": {"n_boot": 10, "slices": 3, "slice_examples": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    run = fit(build(ROOT / "recipes/smoke/synthetic.yaml", {"out": str(root), "name": "smoke"}), progress=False).dir
+    names = CHECKS.names()
+    results = run_audit(run, names, budget="quick", device="cpu", settings={n: TINY[n] for n in names if n in TINY})
+    return run, results
+
+
+def test_every_check_declares_its_summary_and_every_consumed_key_is_required():
+    assert set(CHECKS.names()) <= set(SUMMARY_KEYS), "add the new check's summary keys to SUMMARY_KEYS"
+    for reader, checks in CONSUMED.items():
+        for check, keys in checks.items():
+            assert set(keys) <= set(SUMMARY_KEYS[check]), f"{reader} reads {check} keys that no summary must have"
+    assert SCHEMA_VERSION.startswith("2.") and "^2" in schema()["properties"]["schema_version"]["pattern"]
+
+
+def test_every_check_writes_the_summary_its_readers_need(audited):
+    run, results = audited
+    assert results["schema_version"] == SCHEMA_VERSION and set(results["checks"]) == set(CHECKS.names())
+    assert load_results(run) == json.loads(json.dumps(results))
+    for name, section in results["checks"].items():
+        assert list(section["summary"]) == list(SUMMARY_KEYS[name]), name
+    for reader, checks in CONSUMED.items():
+        for check, keys in checks.items():
+            missing = set(keys) - set(results["checks"][check]["summary"])
+            assert not missing, f"{reader} reads {sorted(missing)} from the {check} summary, which lacks them"
+
+
+def test_summaries_copy_the_checks_figures(audited):
+    _, results = audited
+    c = results["checks"]
+    s = {name: section["summary"] for name, section in c.items()}
+    head = {name: section["headline"]["value"] for name, section in c.items()}
+    assert s["accuracy"]["top1"] == head["accuracy"] == c["accuracy"]["metrics"]["top1"]
+    assert s["accuracy"]["top1_ci95"] == c["accuracy"]["headline"]["ci95"]
+    assert s["accuracy"]["top5"] is None  # the smoke run has 4 classes
+    recalls = sorted(r[3] for r in c["accuracy"]["tables"]["per_class"]["rows"])[:3]
+    assert [recall for _, recall in s["accuracy"]["worst_classes"]] == recalls
+    assert s["calibration"]["ece"] == head["calibration"]
+    assert s["calibration"]["temperature"] == c["calibration"]["metrics"]["temperature"]
+    assert s["efficiency"]["latency_ms_p50"] == head["efficiency"]
+    assert s["energy"]["energy_j_per_1000_images"] == head["energy"]
+    assert s["corruption"]["mean_corrupted_top1"] == head["corruption"] and s["corruption"]["mce"] is None
+    assert s["adversarial"]["robust_top1"] == head["adversarial"] and s["adversarial"]["eps"] == 0.1
+    assert s["certify"]["certified_top1"] == head["certify"] and s["certify"]["radius"] == 0.5
+    assert s["ood"]["mean_auroc"] == head["ood"] and s["ood"]["score"] == "msp"
+    assert s["uncertainty"]["deferred"] == head["uncertainty"]
+    assert s["explain"]["insertion_deletion_gap"] == head["explain"]
+    assert s["fairness"]["accuracy_gap"] == head["fairness"] and s["fairness"]["attribute_kind"] == "proxy"
+
+
+def test_the_readers_work_from_the_summaries(audited):
+    run, results = audited
+    r = row(results, str(run))
+    for key in ("params", "flops", "top1", "top1_ci", "macro_f1", "ece", "latency_ms", "throughput"):
+        assert r[key] is not None, key
+    card = model_card(results, None)
+    assert "Macro-F1 " in card and "Lowest recall: " in card and "Temperature scaling (T = " in card
+    threshold = results["checks"]["uncertainty"]["summary"]["deferral_threshold"]
+    if threshold is None:
+        with pytest.raises(PupilError, match="no confidence threshold"):
+            _deferral_threshold(str(run), "auto")
+    else:
+        assert _deferral_threshold(str(run), "auto") == threshold
+
+
+def test_a_missing_summary_key_is_refused(audited, tmp_path):
+    run, _ = audited
+    data = json.loads((run / "results.json").read_text())
+    del data["checks"]["uncertainty"]["summary"]["deferral_threshold"]
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(PupilError, match=r"checks/uncertainty/summary: 'deferral_threshold' is a required$"):
+        load_results(tmp_path)
+    section = data["checks"]["uncertainty"]  # an earlier audit's section like this one is dropped, not kept
+    assert section_problem(section, "uncertainty") == "summary: 'deferral_threshold' is a required"
+    assert section_problem(section) is None  # without the name only the schema is checked
+
+
+def _as_1x(data: dict) -> dict:
+    """A 2.x results dict as schema 1.0 wrote it: no summaries."""
+    for section in data["checks"].values():
+        del section["summary"]
+    return {**data, "schema_version": "1.0"}
+
+
+def test_a_1x_results_file_is_refused_in_one_line(audited, tmp_path):
+    run, _ = audited
+    (tmp_path / "results.json").write_text(json.dumps(_as_1x(json.loads((run / "results.json").read_text()))))
+    with pytest.raises(PupilError) as e:
+        load_results(tmp_path)
+    msg = f"{tmp_path / 'results.json'} was written by an older pupil (schema 1.0); run pupil audit {tmp_path} again"
+    assert str(e.value) == msg
+    with pytest.raises(PupilError, match=r"older pupil \(schema 1\.0\); run pupil audit"):
+        _deferral_threshold(str(tmp_path), "auto")
+
+
+def test_an_audit_over_a_1x_results_file_replaces_it_with_a_note(audited):
+    run, _ = audited
+    path = run / "results.json"
+    path.write_text(json.dumps(_as_1x(json.loads(path.read_text()))))
+    out = run_audit(run, ["calibration"], device="cpu")
+    assert set(out["checks"]) == {"calibration"} and "dropped_sections" not in out["audit"]
+    (note,) = out["audit"]["notes"]
+    assert note.startswith("the earlier results.json was written by an older pupil (schema 1.0); it was replaced")
+    assert "without its accuracy, adversarial," in note and "--checks accuracy,adversarial," in note
+    assert load_results(run) == out
