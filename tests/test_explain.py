@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from pupil.audit.explain import ExplainConfig
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.models import PixelModel, create, gradcam_module
+from pupil.report.plots import decode_png
 from pupil.results import load_results
 from pupil.run import load_run
 from pupil.training.loop import fit
@@ -268,6 +270,7 @@ def test_explain_check_end_to_end(run_dir):
     assert len(curves["fraction"]) == 6 and set(curves["deletion"]) == set(E.METHODS)
     items = curves["examples"]["items"]
     assert 1 <= len(items) <= 4
-    assert len(items[0]["image"]) == len(items[0]["saliency"]) == 16  # the synthetic images are 16x16
-    assert all(0 <= v <= 255 for row in items[0]["saliency"] for v in row)
+    image, heat = decode_png(items[0]["image"]), decode_png(items[0]["saliency"])
+    assert image.shape == heat.shape == (16, 16)  # the synthetic images are grey 16x16
+    assert heat.dtype == np.uint8 and heat.max() in (0, 255)  # grey 0..255, its largest value at 255
     assert sec["metrics"]["n"] == 6 and len(sec["metrics"]["indices"]) == 6

@@ -7,6 +7,7 @@ from PIL import Image
 from pupil.audit import run_audit
 from pupil.audit.common import make_context
 from pupil.audit.fairness import (
+    THUMBNAIL,
     bootstrap_gaps,
     brightness_terciles,
     discover_slices,
@@ -14,12 +15,12 @@ from pupil.audit.fairness import (
     gaps,
     group_stats,
     metric_frame,
-    thumbnail,
 )
 from pupil.config import build
 from pupil.data import load
 from pupil.errors import PupilError
-from pupil.results import load_results
+from pupil.report.plots import decode_png
+from pupil.results import load_results, png_data_uri
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 
@@ -154,9 +155,10 @@ def test_slice_discovery_finds_a_planted_bad_cluster():
 def test_brightness_terciles_and_thumbnails():
     images = torch.arange(9, dtype=torch.uint8).mul(20).view(9, 1, 1, 1).expand(9, 1, 4, 4).flip(0)
     assert brightness_terciles(images) == ["bright"] * 3 + ["medium"] * 3 + ["dark"] * 3
-    thumb = thumbnail(torch.zeros(3, 64, 32, dtype=torch.uint8))
-    assert (len(thumb), len(thumb[0]), len(thumb[0][0])) == (3, 28, 14)
-    assert np.array(thumbnail(torch.full((1, 12, 12), 7, dtype=torch.uint8))).shape == (1, 12, 12)
+    thumb = decode_png(png_data_uri(torch.zeros(3, 64, 32, dtype=torch.uint8), THUMBNAIL))
+    assert thumb.shape == (28, 14, 3)
+    small = decode_png(png_data_uri(torch.full((1, 12, 12), 7, dtype=torch.uint8), THUMBNAIL))
+    assert small.shape == (12, 12) and (small == 7).all()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,7 @@ def test_fairness_end_to_end_with_the_brightness_proxy(runs):
     assert lo <= hi
     assert len(sec["tables"]["slices"]["rows"]) == 4
     ex = sec["curves"]["slice_examples"][0]
-    assert len(ex["images"]) == 3 and np.array(ex["images"][0]).shape == (1, 16, 16)
+    assert len(ex["images"]) == 3 and decode_png(ex["images"][0]).shape == (16, 16)  # grey 16x16
     # proxy none: the slices are the groups.
     res = run_audit(plain, ["fairness"], device="cpu", settings={"fairness": {"proxy": "none", "slices": 3}})
     assert res["checks"]["fairness"]["curves"]["groups"]["groups"] == ["slice 0", "slice 1", "slice 2"]

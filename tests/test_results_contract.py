@@ -3,16 +3,28 @@ every reader outside the audit (compare, the model card, predict) finds the keys
 audit runs every check once on the smoke run with tiny settings; a results.json of schema 1.x is refused."""
 
 import json
+import re
 
+import numpy as np
 import pytest
+import torch
 
 from pupil.audit import CHECKS, run_audit
 from pupil.cli import _deferral_threshold
 from pupil.config import build
 from pupil.errors import PupilError
 from pupil.report.compare import row
+from pupil.report.plots import decode_png
 from pupil.report.render import model_card
-from pupil.results import CONSUMED, SCHEMA_VERSION, SUMMARY_KEYS, load_results, schema, section_problem
+from pupil.results import (
+    CONSUMED,
+    SCHEMA_VERSION,
+    SUMMARY_KEYS,
+    load_results,
+    png_data_uri,
+    schema,
+    section_problem,
+)
 from pupil.training.loop import fit
 from tests.conftest import ROOT
 
@@ -95,6 +107,41 @@ def test_the_readers_work_from_the_summaries(audited):
             _deferral_threshold(str(run), "auto")
     else:
         assert _deferral_threshold(str(run), "auto") == threshold
+
+
+def _example_images(checks: dict) -> list[str]:
+    """Every example image the checks store in their curves (the fields $defs/png_uri lists)."""
+    c = {name: section.get("curves", {}) for name, section in checks.items()}
+    corruption = c["corruption"]["examples"]
+    return [
+        corruption["clean"],
+        *corruption["corrupted"].values(),
+        *(e[k] for e in c["adversarial"]["examples"] for k in ("clean", "adversarial", "perturbation")),
+        *(it[k] for it in c["explain"]["examples"]["items"] for k in ("image", "saliency")),
+        *(im for s in c["fairness"]["slice_examples"] for im in s["images"]),
+    ]
+
+
+def test_every_example_image_is_a_png_data_uri(audited):
+    _, results = audited
+    images = _example_images(results["checks"])
+    assert len(images) >= 12  # 3 corruption, 3 per adversarial example, 2 per explain item, 1 per slice
+    pattern = schema()["$defs"]["png_uri"]["pattern"]
+    for uri in images:
+        assert re.match(pattern, uri), uri[:40]
+        img = decode_png(uri)
+        assert img.dtype == np.uint8 and img.shape[:2] == (16, 16) and img.ndim == 2  # the smoke data: grey 16x16
+
+
+def test_png_data_uri_keeps_uint8_and_rounds_floats_and_area_downscales():
+    rgb = torch.randint(0, 256, (3, 5, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert (decode_png(png_data_uri(rgb)) == rgb.permute(1, 2, 0).numpy()).all()
+    grey = torch.tensor([[-0.5, 0.0, 0.6 / 255], [0.6, 1.0, 2.0]])  # clamped to [0, 1], then rounded to 0..255
+    assert decode_png(png_data_uri(grey[None])).tolist() == [[0, 0, 1], [153, 255, 255]]
+    assert (decode_png(png_data_uri(grey)) == decode_png(png_data_uri(grey[None]))).all()  # (H, W) as (1, H, W)
+    big = torch.arange(4, dtype=torch.uint8).repeat_interleave(2).view(1, 1, 8).expand(1, 4, 8)  # 4 x 8
+    assert decode_png(png_data_uri(big, max_side=4)).tolist() == [[0, 1, 2, 3]] * 2  # means of 2 x 2 blocks
+    assert decode_png(png_data_uri(big, max_side=8)).shape == (4, 8)  # fits: left as it is
 
 
 def test_a_missing_summary_key_is_refused(audited, tmp_path):

@@ -8,20 +8,29 @@ Version 2.x: one section per check, each with ``title``, ``config``, ``runtime_s
 a handful of the check's figures under stable names (``SUMMARY_KEYS``), copied from its metrics. Code outside
 the audit reads figures from ``summary`` only (``CONSUMED`` lists what each reader takes, ``consumed`` gives
 it); ``metrics`` may change shape between minor versions. Version 1.x had no summary and is refused on reading.
+
+Example images in ``curves`` (corruption, adversarial, explain, fairness) are PNG data URIs made by
+``png_data_uri``: grey (H, W) or RGB (H, W, 3) uint8 once decoded; a saliency map is a grey 0..255 PNG.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pupil.errors import PupilError
 from pupil.io import read_json
 
+if TYPE_CHECKING:
+    import torch
+
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 SCHEMA_VERSION = "2.0"  # the major part must match the schema's schema_version pattern
+PNG_URI_PREFIX = "data:image/png;base64,"
 MESSAGE_CHARS = 200  # jsonschema quotes the whole offending value; a long one is cut to keep the error one line
 
 # The keys each check's summary must have (a check not listed needs none). Units are in the name where a figure
@@ -130,3 +139,40 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise PupilError(f"{path} was written by {age} pupil (schema {results['schema_version']}); {todo}")
     validate(results, str(path))
     return results
+
+
+def area_downscale(img: torch.Tensor, max_side: int) -> torch.Tensor:
+    """A (..., H, W) tensor as float32, area-averaged so that neither side exceeds ``max_side`` (aspect kept, each
+    side rounded, at least 1); unchanged but for the dtype when it already fits."""
+    import torch.nn.functional as F
+
+    h, w = img.shape[-2:]
+    x = img.float()
+    if max(h, w) <= max_side:
+        return x
+    size = (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w))))
+    return F.interpolate(x.reshape(1, -1, h, w), size=size, mode="area").reshape(*x.shape[:-2], *size)
+
+
+def png_data_uri(img: torch.Tensor, max_side: int | None = None) -> str:
+    """A (C, H, W) or (H, W) image, uint8 or float in [0, 1], as "data:image/png;base64,..." (grey for one
+    channel, RGB for three), area-downscaled first so that neither side exceeds ``max_side`` when given.
+
+    uint8 is averaged in 0..255 and rounded; float is averaged, then clamped to [0, 1] and rounded to 0..255.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = img.detach().cpu()
+    if max_side is not None:
+        small = area_downscale(img, max_side)
+        img = small.round().to(torch.uint8) if img.dtype == torch.uint8 else small
+    if img.dtype != torch.uint8:
+        img = img.float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    a = img.numpy()
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)  # (C, H, W) -> (H, W) or (H, W, C)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, "PNG", optimize=True)
+    return PNG_URI_PREFIX + base64.b64encode(buf.getvalue()).decode("ascii")

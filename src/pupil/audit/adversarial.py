@@ -14,8 +14,6 @@ count as non-robust at every epsilon. The deployed model is attacked, test-time 
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pupil.audit.common import (
     table,
     validate_settings,
 )
+from pupil.results import png_data_uri
 from pupil.robust.attacks import NORMS, fgsm, pgd
 from pupil.runtime import autocast, to_input
 
@@ -306,21 +305,10 @@ def _examples(
                 "clean_pred": classes[int(ys[i])],
                 "adv_pred": classes[int(pred[i])],
                 "eps": eps,
-                "clean": _png(xs[i]),
-                "adversarial": _png(adv[i]),
-                "perturbation": _png(0.5 + scale * delta),
+                "clean": png_data_uri(xs[i]),
+                "adversarial": png_data_uri(adv[i]),
+                "perturbation": png_data_uri(0.5 + scale * delta),
                 "perturbation_scale": scale,
             }
         )
     return out
-
-
-def _png(img: torch.Tensor) -> str:
-    """(C, H, W) in [0, 1] -> "data:image/png;base64,..."."""
-    from PIL import Image
-
-    a = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    a = a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

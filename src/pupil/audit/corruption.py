@@ -11,9 +11,7 @@ with mCE and relative mCE their means over the corruptions. The corruptions are 
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from pupil.data.corruptions import (
 from pupil.errors import PupilError
 from pupil.io import read_json
 from pupil.metrics import ece
+from pupil.results import png_data_uri
 from pupil.runtime import autocast
 
 EXAMPLE_SIDE = 64  # example images in results.json are at most this many pixels on a side
@@ -105,7 +104,7 @@ class Corruption(Check):
                 acc[c].append(a)
                 cal[c].append(e)
                 if s == example_sev:
-                    examples[c] = png_base64(first)
+                    examples[c] = png_data_uri(first, EXAMPLE_SIDE)
         clean_acc, clean_ece = accuracy_ece(ctx.logits("test")[idx], y)
         cells = [a for c in names for a in acc[c]]
         metrics: dict[str, Any] = {
@@ -130,7 +129,7 @@ class Corruption(Check):
         examples_curve = {
             "severity": example_sev,
             "label": ctx.test.classes[int(y[0])],
-            "clean": png_base64(chosen[0]),
+            "clean": png_data_uri(chosen[0], EXAMPLE_SIDE),
             "corrupted": examples,
         }
         return {
@@ -264,17 +263,3 @@ def baseline_errors(metrics: dict[str, Any], run_dir: str, notes: list[str]) -> 
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def png_base64(img: torch.Tensor) -> str:
-    """uint8 (C, H, W) -> base64 PNG, downscaled (area) so that neither side exceeds ``EXAMPLE_SIDE``."""
-    from PIL import Image
-
-    c, h, w = img.shape
-    if max(h, w) > EXAMPLE_SIDE:
-        size = (max(1, round(h * EXAMPLE_SIDE / max(h, w))), max(1, round(w * EXAMPLE_SIDE / max(h, w))))
-        img = torch.nn.functional.interpolate(img[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
-    arr = img.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(buf, "PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")

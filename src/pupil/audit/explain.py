@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pupil.audit.common import (
     CHECKS,
@@ -38,6 +37,7 @@ from pupil.explain import (
     spearman_rows,
     step_counts,
 )
+from pupil.results import area_downscale, png_data_uri
 
 EXAMPLE_SIDE = 32  # example images and maps are stored at most 32x32 so results.json stays small
 
@@ -176,7 +176,7 @@ class Explain(Check):
             with torch.no_grad():
                 probs = model(x).float().softmax(-1)
             for j, i in enumerate(idx.tolist()):
-                image, sal = _small(x[j].cpu(), maps[j].cpu())
+                image, sal = _example_pngs(x[j].cpu(), maps[j].cpu())
                 items.append(
                     {
                         "index": i,
@@ -222,16 +222,9 @@ class Explain(Check):
         return notes
 
 
-def _small(image: torch.Tensor, sal: torch.Tensor) -> tuple[list, list]:
-    """Image (C, H, W) and map (H, W) at most 32 px a side as uint8 nested lists: the image (H, W) or (H, W, C),
-    the map's positive part scaled to 0..255."""
-    H, W = image.shape[-2:]
-    if max(H, W) > EXAMPLE_SIDE:
-        size = (max(1, round(H * EXAMPLE_SIDE / max(H, W))), max(1, round(W * EXAMPLE_SIDE / max(H, W))))
-        image = F.interpolate(image[None], size=size, mode="area")[0]
-        sal = F.interpolate(sal[None, None].float(), size=size, mode="area")[0, 0]
-    img = image.clamp(0, 1).mul(255).round().to(torch.uint8)
-    img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-    pos = sal.float().relu()
+def _example_pngs(image: torch.Tensor, sal: torch.Tensor) -> tuple[str, str]:
+    """Image (C, H, W) in [0, 1] and map (H, W) as PNG data URIs at most ``EXAMPLE_SIDE`` px a side: the image
+    as it is, the map's positive part as grey 0..255 (its largest value at 255)."""
+    pos = area_downscale(sal, EXAMPLE_SIDE).relu()  # (h, w)
     heat = pos.div(pos.max().clamp_min(1e-12)).mul(255).round().to(torch.uint8)
-    return img.tolist(), heat.tolist()
+    return png_data_uri(image, EXAMPLE_SIDE), png_data_uri(heat)

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, one_of, table, validate_settings
 from pupil.errors import PupilError
 from pupil.metrics import ece, prf
+from pupil.results import png_data_uri
 
 PROXIES = ("brightness", "none")
 BRIGHTNESS = ["dark", "medium", "bright"]
 WORST_SLICES = 3
-THUMBNAIL = 28
+THUMBNAIL = 28  # slice example images in results.json are at most this many pixels on a side
 N_BINS = 15
 
 
@@ -239,15 +240,6 @@ def discover_slices(
     return labels, dist, rows
 
 
-def thumbnail(image: torch.Tensor) -> list:
-    """uint8 (C, H, W) -> nested list no larger than 28 x 28 (area-downsampled, aspect kept)."""
-    h, w = image.shape[-2:]
-    if max(h, w) > THUMBNAIL:
-        size = (max(1, round(h * THUMBNAIL / max(h, w))), max(1, round(w * THUMBNAIL / max(h, w))))
-        image = F.interpolate(image[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
-    return image.tolist()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The check
 
@@ -404,7 +396,7 @@ class Fairness(Check):
             "accuracy": s["accuracy"],
             "dominant_class": s["dominant_class"],
             "index": chosen.tolist(),
-            "images": [thumbnail(ctx.test.images[i]) for i in chosen.tolist()],
+            "images": [png_data_uri(ctx.test.images[i], THUMBNAIL) for i in chosen.tolist()],
             "true": [classes[i] for i in ctx.test.targets[chosen].tolist()],
             "pred": [classes[i] for i in pred[chosen].tolist()],
         }

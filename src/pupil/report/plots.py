@@ -140,15 +140,19 @@ def line_curves(x: list[float], series: dict[str, list[float]], xlabel: str, yla
 
 
 def decode_png(uri: str):
-    """A PNG as base64 (optionally a ``data:image/png;base64,`` URI) as a numpy array."""
+    """An example image of results.json (a PNG data URI, see ``pupil.results.png_data_uri``) as a uint8 numpy
+    array, (H, W) grey or (H, W, C). Bare base64 is read too (the corruption check wrote it before 2.0's images
+    became URIs); anything else is a TypeError, which the report shows as a figure that could not be drawn."""
     import numpy as np
     from PIL import Image
 
+    if not isinstance(uri, str):
+        raise TypeError(f"example image is a {type(uri).__name__}, not a PNG data URI: run the audit again")
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[-1]))))
 
 
-def image_grid(rows: list[list[Any]], titles: list[list[str]], col_titles: list[str] | None = None) -> str:
-    """A grid of small images (arrays or PNG data URIs), one row per example, drawn with nearest pixels."""
+def image_grid(rows: list[list[str]], titles: list[list[str]], col_titles: list[str] | None = None) -> str:
+    """A grid of small images (PNG data URIs), one row per example, drawn with nearest pixels."""
     n, m = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n, m, figsize=(1.7 * m, 1.8 * n), squeeze=False)
     for i, row in enumerate(rows):
@@ -157,8 +161,8 @@ def image_grid(rows: list[list[Any]], titles: list[list[str]], col_titles: list[
             ax.axis("off")
             if j >= len(row):
                 continue
-            img = decode_png(row[j]) if isinstance(row[j], str) else row[j]
-            ax.imshow(img, cmap="gray" if getattr(img, "ndim", 3) == 2 else None, interpolation="nearest")
+            img = decode_png(row[j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax.set_title(titles[i][j], fontsize=7)
     if col_titles:
         for j, t in enumerate(col_titles):
@@ -213,18 +217,16 @@ def faithfulness_curves(curves: dict[str, Any]) -> str:
 
 
 def saliency_examples(ex: dict[str, Any]) -> str:
-    """Each example image beside its saliency map overlaid (the best method's)."""
-    import numpy as np
-
+    """Each example image beside its saliency map (grey 0..255) overlaid in inferno (the best method's)."""
     items = ex["items"]
     fig, axes = plt.subplots(2, len(items), figsize=(1.6 * len(items), 3.5), squeeze=False)
     for j, it in enumerate(items):
-        img = np.asarray(it["image"], dtype=np.uint8)
+        img = decode_png(it["image"])
         grey = img.ndim == 2
         axes[0][j].imshow(img, cmap="gray" if grey else None, interpolation="nearest")
         axes[0][j].set_title(f"{'✓' if it['correct'] else '✗'} {it['pred']}\n(true {it['true']})", fontsize=6)
         axes[1][j].imshow(img, cmap="gray" if grey else None, interpolation="nearest")
-        axes[1][j].imshow(np.asarray(it["saliency"]), cmap="inferno", alpha=0.55, interpolation="bilinear")
+        axes[1][j].imshow(decode_png(it["saliency"]), cmap="inferno", alpha=0.55, interpolation="bilinear")
         axes[0][j].axis("off")
         axes[1][j].axis("off")
     fig.suptitle(f"{ex['method']}: top row prediction, bottom row saliency", fontsize=8)
@@ -273,12 +275,9 @@ def group_bars(g: dict[str, Any]) -> str:
 
 
 def slice_examples(slices: list[dict[str, Any]]) -> str:
-    import numpy as np
-
     rows, titles = [], []
     for s in slices:
-        imgs = [np.asarray(im, dtype=np.uint8) for im in s["images"]]
-        rows.append([im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0) for im in imgs])
+        rows.append(s["images"])
         titles.append(
             [
                 f"slice {s['slice']} acc {s['accuracy']:.0%}\n{t} → {p}" if j == 0 else f"{t} → {p}"
