@@ -69,9 +69,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robust_fmnist.json")
     args = ap.parse_args()
     threads = setup_threads(0)
-    attack = {"epsilons": "0,0.02,0.05,0.1,0.15,0.2", "steps": 20, "n": args.n_attack}
+    attack = {"epsilons": [0, 0.02, 0.05, 0.1, 0.15, 0.2], "steps": 20, "n": args.n_attack}
     certify = {"sigma": 0.5, "n0": 100, "n": args.draws, "images": args.n_certify, "alpha": 0.001}
-    certify["radii"] = "0,0.25,0.5,0.75,1.0,1.25"
+    certify["radii"] = [0, 0.25, 0.5, 0.75, 1.0, 1.25]
     rows = {}
     for label, run in (("standard", args.standard), ("adversarial", args.adversarial), ("noise", args.noise)):
         ctx = make_context(run, "auto", "full", seed=0)

@@ -150,7 +150,7 @@ def test_adversarial_and_certify_checks_end_to_end(run_dir):
         "adversarial": {
             "n": 64,
             "steps": 5,
-            "epsilons": "0,0.02,0.1",
+            "epsilons": [0, 0.02, 0.1],
             "autoattack": True,
             "autoattack_n": 8,
             "autoattack_eps": 0.3,
@@ -202,7 +202,7 @@ def test_sanity_checks_flag_masked_gradients(run_dir):
     ctx = make_context(run_dir, "cpu", "quick", 0)
     ctx.run.model = Masked(ctx.run.model)
     check = Adversarial()
-    out = check.run(ctx, check.config("quick", {"n": 32, "steps": 3, "epsilons": "0,0.1"}))
+    out = check.run(ctx, check.config("quick", {"n": 32, "steps": 3, "epsilons": [0, 0.1]}))
     assert not out["metrics"]["sanity"]["passed"]
     assert any("unbounded" in f for f in out["metrics"]["sanity"]["failures"])
 
@@ -213,7 +213,7 @@ def test_l2_threat_model(run_dir):
 
     ctx = make_context(run_dir, "cpu", "quick", 0)
     check = Adversarial()
-    out = check.run(ctx, check.config("quick", {"norm": "l2", "n": 32, "steps": 5, "epsilons": "0,0.5,2"}))
+    out = check.run(ctx, check.config("quick", {"norm": "l2", "n": 32, "steps": 5, "epsilons": [0, 0.5, 2]}))
     m = out["metrics"]
     assert out["headline"]["label"] == "PGD robust accuracy at ε=0.5 (L2)"
     assert m["unbounded"]["eps"] == pytest.approx(16.0)  # the diagonal of the 1x16x16 cube

@@ -6,7 +6,7 @@ import pytest
 
 from pupil.audit import CHECKS, run_audit
 from pupil.audit.common import at_least, validate_settings
-from pupil.cli import main
+from pupil.cli import _parse_settings, main
 from pupil.errors import PupilError
 from pupil.registry import Registry
 from pupil.results import load_results
@@ -33,7 +33,9 @@ def tiny_run(tmp_path_factory):
         ("adversarial.norm=l3", "adversarial.norm must be one of linf, l2, not 'l3'"),
         ("accuracy.ordered=1", "accuracy.ordered must be true or false, not 1"),
         ("energy.country=XYZ", "energy.country must be one of the"),
-        ("ood.scores=msp,entropy", "ood.scores must be comma-separated names from msp, max_logit"),
+        ("ood.scores=msp,entropy", "ood.scores must be a list of names from msp, max_logit"),
+        ("ood.scores=msp,entropy", "(unknown OOD score 'entropy')"),
+        ("corruption.severities=[1,7]", "corruption.severities must be a list of integers from 1 to 5, not [1, 7]"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_what_is_allowed(tiny_run, capsys, setting, message):
@@ -72,6 +74,7 @@ def test_types_follow_the_hints():
     e = Example(count=3, rate=2, label=5, limit=None, sizes=[1, 2], pair=[1, 2.5])
     assert e.count == 3 and type(e.rate) is float and e.rate == 2.0  # an int is taken for a float
     assert e.label == "5" and e.pair == (1.0, 2.5) and e.sizes == [1, 2]
+    assert Example(sizes="1, 2,,").sizes == [1, 2] and Example(sizes=3).sizes == [3]  # a comma string, a lone number
     assert Example(rate="1e-3").rate == 0.001  # YAML 1.1 reads 1e-3 as a string
     bad = {
         "count": (True, "an integer >= 1, not true"),
@@ -79,12 +82,31 @@ def test_types_follow_the_hints():
         "flag": ("yes", "true or false, not 'yes'"),
         "label": (None, "a string, not null"),
         "limit": (-1, "an integer >= 0 or null, not -1"),
-        "sizes": ([1, 2.0], "a list of integers, not [1, 2.0]"),
-        "pair": ("0,1", "a list of finite numbers, not '0,1'"),
+        "sizes": ([1, 2.0], r"a list of integers, not [1, 2.0] \(item 2.0 is not an integer\)"),
+        "pair": ("0,x", r"a list of finite numbers, not '0,x' \(item 'x' is not a finite number\)"),
     }
     for field, (value, message) in bad.items():
         with pytest.raises(PupilError, match=f"^example.{field} must be {message}$".replace("[", r"\[")):
             Example(**{field: value})
+
+
+def test_a_list_setting_takes_a_comma_string_or_a_list():
+    check = CHECKS.get("adversarial")()
+    from_text = check.config("full", {"epsilons": "0.1, 0.05,"})  # --set adversarial.epsilons=0.1,0.05, older callers
+    from_yaml = check.config("full", {"epsilons": [0.1, 0.05]})  # --set adversarial.epsilons=[0.1,0.05]
+    assert from_text == from_yaml and from_text.epsilons == [0.1, 0.05]
+    assert dataclasses.asdict(from_text)["epsilons"] == [0.1, 0.05]  # results.json records a list
+    text, listed = (_parse_settings([f"adversarial.epsilons={v}"])["adversarial"] for v in ("0.1,0.05", "[0.1, 0.05]"))
+    assert check.config("full", text) == check.config("full", listed) == from_yaml  # both --set spellings
+    corruption = CHECKS.get("corruption")()
+    assert corruption.config("full", {"severities": "1,3"}).severities == [1, 3]
+    assert corruption.config("full", {"severities": 3}).severities == [3]  # YAML reads severities=3 as a number
+    with pytest.raises(PupilError, match=r"corruption\.severities .*, not '1,x' \(item 'x' is not an integer\)$"):
+        corruption.config("full", {"severities": "1,x"})
+    with pytest.raises(PupilError, match=r"corruption\.corruptions .*, not 'fog,rain' \(unknown corruption 'rain'\)$"):
+        corruption.config("full", {"corruptions": "fog,rain"})
+    with pytest.raises(PupilError, match=r"adversarial\.epsilons .*, not '0,-1' \(epsilon -1\.0 is not >= 0\)$"):
+        check.config("full", {"epsilons": "0,-1"})
 
 
 def test_settings_are_checked_before_the_run_is_loaded(tmp_path):

@@ -419,7 +419,7 @@ def run_dir(tmp_path_factory):
     return fit(build(ROOT / "recipes/smoke/synthetic.yaml", {"out": str(tmp), "name": "a"}), progress=False).dir
 
 
-SMALL = {"corruptions": "gaussian_noise,contrast,glass_blur", "severities": "3,5", "n": 48, "batch_size": 20}
+SMALL = {"corruptions": ["gaussian_noise", "contrast", "glass_blur"], "severities": [3, 5], "n": 48, "batch_size": 20}
 
 
 def test_audit_check_end_to_end_with_itself_as_baseline(run_dir):
@@ -471,7 +471,7 @@ def test_audit_check_end_to_end_with_itself_as_baseline(run_dir):
             ["corruption"],
             budget="quick",
             device="cpu",
-            settings={"corruption": {**SMALL, "severities": "1,5", "baseline": str(run_dir)}},
+            settings={"corruption": {**SMALL, "severities": [1, 5], "baseline": str(run_dir)}},
         )
 
 
@@ -482,10 +482,10 @@ def test_audit_check_leaves_saturate_out_on_grey_images(run_dir):
 
     ctx = make_context(run_dir, "cpu", "quick", 0)
     check = Corruption()
-    out = check.run(ctx, check.config("quick", {"corruptions": "extra", "severities": "1", "n": 16}))
+    out = check.run(ctx, check.config("quick", {"corruptions": ["extra"], "severities": [1], "n": 16}))
     assert out["metrics"]["corruptions"] == ["speckle_noise", "gaussian_blur", "spatter"]
     assert any("saturate" in n for n in out["notes"])
-    out = check.run(ctx, check.config("quick", {"corruptions": "saturate", "severities": "1", "n": 16}))
+    out = check.run(ctx, check.config("quick", {"corruptions": ["saturate"], "severities": [1], "n": 16}))
     assert out["metrics"]["accuracy"]["saturate"] == [out["metrics"]["clean_accuracy"]]
     with pytest.raises(PupilError):
         check.config("quick", {"n": -1})

@@ -245,7 +245,7 @@ def test_explain_image_and_overlay(trained, tmp_path):
 
 def test_config_rejects_bad_settings():
     with pytest.raises(PupilError, match="unknown explanation method"):
-        ExplainConfig(methods="gradcam,nope")
+        ExplainConfig(methods=["gradcam", "nope"])
     with pytest.raises(PupilError, match="baseline"):
         ExplainConfig(baseline="grey")
     with pytest.raises(PupilError, match="steps"):

@@ -238,9 +238,9 @@ def test_load_ood_sets():
 
 def test_config_is_checked():
     with pytest.raises(PupilError, match="unknown OOD score"):
-        OODConfig(scores="msp,entropy")
+        OODConfig(scores=["msp", "entropy"])
     with pytest.raises(PupilError, match="at least one OOD set"):
-        OODConfig(sets="", extra=" ")
+        OODConfig(sets=[], extra=[])
     with pytest.raises(PupilError, match="knn_k"):
         OODConfig(knn_k=0)
 
@@ -268,7 +268,7 @@ TINY = {"n_id": 128, "n_ood": 64, "n_fit": 128, "knn_k": 5, "batch_size": 128}
 
 
 def test_ood_check_end_to_end(run_dir, rgb_folder):
-    settings = {"ood": {**TINY, "sets": "mnist-5k,noise", "extra": str(rgb_folder)}}
+    settings = {"ood": {**TINY, "sets": ["mnist-5k", "noise"], "extra": [str(rgb_folder)]}}
     res = run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings=settings)
     out = res["checks"]["ood"]
     assert out["title"] == "Out-of-distribution detection"
@@ -290,15 +290,15 @@ def test_ood_check_end_to_end(run_dir, rgb_folder):
     notes = " ".join(out["notes"])
     assert "resized 28x28 -> 16x16" in notes and "RGB to grey" in notes and "resized 20x20" in notes
     assert "subset of 64 of its" in notes and "penultimate layer only" in notes and "epsilon = 0.0014" in notes
-    assert load_results(run_dir)["checks"]["ood"]["config"]["extra"] == str(rgb_folder)
+    assert load_results(run_dir)["checks"]["ood"]["config"]["extra"] == [str(rgb_folder)]
     json.dumps(out)
 
 
 def test_ood_check_refuses_the_id_data_and_unknown_sets(run_dir):
     with pytest.raises(PupilError, match="in-distribution dataset itself"):  # before the default sets are loaded
-        run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings={"ood": {**TINY, "extra": "synthetic"}})
+        run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings={"ood": {**TINY, "extra": ["synthetic"]}})
     with pytest.raises(PupilError, match="unknown dataset"):
-        run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings={"ood": {**TINY, "sets": "nope"}})
+        run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings={"ood": {**TINY, "sets": ["nope"]}})
 
 
 def test_ood_check_refuses_a_copy_of_the_test_split(run_dir, tmp_path):
@@ -310,13 +310,13 @@ def test_ood_check_refuses_a_copy_of_the_test_split(run_dir, tmp_path):
     for i, im in enumerate(test.images[:20]):
         (tmp_path / test.classes[test.targets[i]]).mkdir(exist_ok=True)
         Image.fromarray(im[0].numpy()).save(tmp_path / test.classes[test.targets[i]] / f"{i}.png")
-    settings = {"ood": {**TINY, "sets": str(tmp_path)}}
+    settings = {"ood": {**TINY, "sets": [str(tmp_path)]}}
     with pytest.raises(PupilError, match="20 of its 20 images are test images"):
         run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings=settings)
 
 
 def test_ood_check_logit_scores_only_need_no_training_data(run_dir):
-    settings = {"ood": {**TINY, "sets": "uniform", "scores": "energy,max_logit"}}
+    settings = {"ood": {**TINY, "sets": ["uniform"], "scores": ["energy", "max_logit"]}}
     out = run_audit(run_dir, ["ood"], budget="quick", device="cpu", settings=settings)["checks"]["ood"]
     assert list(out["metrics"]["mean"]) == ["energy", "max_logit"]
     assert "energy" in out["headline"]["label"]

@@ -32,8 +32,8 @@ from tests.conftest import ROOT
 TINY = {
     "accuracy": {"n_bootstrap": 50},
     "efficiency": {"latency_repeats": 3, "warmup": 1, "throughput_batch": 16, "throughput_repeats": 1},
-    "corruption": {"n": 32, "corruptions": "gaussian_noise,contrast", "severities": "1,5"},
-    "adversarial": {"n": 32, "steps": 2, "epsilons": "0,0.1"},
+    "corruption": {"n": 32, "corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5]},
+    "adversarial": {"n": 32, "steps": 2, "epsilons": [0, 0.1]},
     "certify": {"images": 8, "n0": 10, "n": 50},
     "ood": {"n_id": 64, "n_ood": 32, "n_fit": 64, "knn_k": 5},
     "uncertainty": {"n": 64, "mc_samples": 2, "tta_samples": 2},

@@ -203,7 +203,7 @@ def test_uncertainty_end_to_end(runs):
     import pupil.audit.uncertainty  # noqa: F401  (registers the check)
 
     a, b = runs
-    settings = {"uncertainty": {"members": str(b), "mc_samples": 4, "tta_samples": 3}}
+    settings = {"uncertainty": {"members": [str(b)], "mc_samples": 4, "tta_samples": 3}}
     results = run_audit(a, ["uncertainty"], device="cpu", settings=settings)
     sec = load_results(a)["checks"]["uncertainty"]
     assert sec == json.loads(json.dumps(results["checks"]["uncertainty"]))
@@ -228,7 +228,7 @@ def test_uncertainty_skips_missing_dropout_and_refuses_mismatched_members(runs, 
     import pupil.audit.uncertainty  # noqa: F401
 
     a, b = runs
-    res = run_audit(b, ["uncertainty"], device="cpu", settings={"uncertainty": {"sources": "softmax,mc_dropout"}})
+    res = run_audit(b, ["uncertainty"], device="cpu", settings={"uncertainty": {"sources": ["softmax", "mc_dropout"]}})
     sec = res["checks"]["uncertainty"]
     assert [r[0] for r in sec["tables"]["sources"]["rows"]] == ["softmax"]
     assert any("mc_dropout skipped" in n for n in sec["notes"])
@@ -239,9 +239,9 @@ def test_uncertainty_skips_missing_dropout_and_refuses_mismatched_members(runs, 
     info["data"]["classes"] = ["w", "x", "y", "z"]
     (bad / "run.json").write_text(json.dumps(info))
     with pytest.raises(PupilError, match="has classes"):
-        run_audit(a, ["uncertainty"], device="cpu", settings={"uncertainty": {"members": str(bad)}})
+        run_audit(a, ["uncertainty"], device="cpu", settings={"uncertainty": {"members": [str(bad)]}})
     with pytest.raises(PupilError, match="unknown uncertainty source"):
-        run_audit(a, ["uncertainty"], device="cpu", settings={"uncertainty": {"sources": "softmax,bayes"}})
+        run_audit(a, ["uncertainty"], device="cpu", settings={"uncertainty": {"sources": ["softmax", "bayes"]}})
 
 
 def test_without_a_validation_split_the_threshold_is_fitted_on_test(runs):
@@ -251,7 +251,7 @@ def test_without_a_validation_split_the_threshold_is_fitted_on_test(runs):
     ctx = make_context(a, "cpu", "quick", 0)
     ctx.val = None
     check = Uncertainty()
-    out = check.run(ctx, check.config("quick", {"sources": "softmax", "target_accuracy": 0.9}))
+    out = check.run(ctx, check.config("quick", {"sources": ["softmax"], "target_accuracy": 0.9}))
     assert out["metrics"]["fit_split"] == "test"
     assert any("no validation split" in n for n in out["notes"])
     d = out["metrics"]["sources"]["softmax"]["deferral"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -27,10 +27,9 @@ from pupil.audit.common import (
     Check,
     above,
     at_least,
-    comma_numbers,
+    each,
     headline,
     one_of,
-    parses,
     subset_indices,
     table,
     validate_settings,
@@ -53,8 +52,8 @@ Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class AdversarialConfig:
     norm: str = "linf"
     """Threat model: linf or l2 (for l2 give larger epsilons, e.g. 0,0.25,0.5,1,2)."""
-    epsilons: str = "0,0.01,0.02,0.05,0.1,0.2"
-    """Comma-separated perturbation budgets in pixel units of [0, 1] images."""
+    epsilons: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1, 0.2])
+    """Perturbation budgets in pixel units of [0, 1] images."""
     steps: int = 20
     """PGD steps."""
     alpha_ratio: float = 2.5
@@ -78,7 +77,7 @@ class AdversarialConfig:
             self,
             "adversarial",
             norm=one_of(*NORMS),
-            epsilons=parses(parse_epsilons, "comma-separated finite numbers >= 0"),
+            epsilons=each(at_least(0), "epsilon"),
             steps=once,
             alpha_ratio=above(0),
             restarts=once,
@@ -90,12 +89,7 @@ class AdversarialConfig:
 
     def eps_values(self) -> list[float]:
         """The epsilons, sorted, with 0 (clean accuracy) always first."""
-        return parse_epsilons(self.epsilons)
-
-
-def parse_epsilons(epsilons: str) -> list[float]:
-    """``"0.1,0.05"`` -> the sorted distinct epsilons with 0 (clean accuracy) added."""
-    return sorted(set(comma_numbers(epsilons, "adversarial.epsilons")) | {0.0})
+        return sorted(set(self.epsilons) | {0.0})
 
 
 class Attacker:

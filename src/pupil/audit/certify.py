@@ -11,7 +11,7 @@ model trained on clean images mostly abstains or certifies tiny radii.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,9 +22,8 @@ from pupil.audit.common import (
     Check,
     above,
     at_least,
-    comma_numbers,
+    each,
     headline,
-    parses,
     subset_indices,
     table,
     validate_settings,
@@ -50,8 +49,8 @@ class CertifyConfig:
     """Test images certified (a seeded random subset when the split is larger)."""
     batch_size: int = 1000
     """Noisy images per forward pass."""
-    radii: str = "0,0.25,0.5,0.75,1.0,1.25,1.5"
-    """Comma-separated L2 radii (pixel units) for the certified-accuracy table."""
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+    """L2 radii (pixel units) for the certified-accuracy table."""
 
     def __post_init__(self):
         once = at_least(1)
@@ -64,16 +63,12 @@ class CertifyConfig:
             alpha=Allowed("{type} in (0, 1)", lambda v: 0 < v < 1),
             images=once,
             batch_size=once,
-            radii=parses(parse_radii, "comma-separated finite numbers >= 0"),
+            radii=each(at_least(0), "radius"),
         )
 
     def radius_values(self) -> list[float]:
-        return parse_radii(self.radii)
-
-
-def parse_radii(radii: str) -> list[float]:
-    """``"0,0.5,1"`` -> the sorted distinct radii."""
-    return comma_numbers(radii, "certify.radii")
+        """The radii, sorted and distinct."""
+        return sorted(set(self.radii))
 
 
 @CHECKS.register("certify")

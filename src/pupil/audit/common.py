@@ -92,43 +92,25 @@ def one_of(*choices: str) -> Allowed:
     return Allowed(f"one of {', '.join(choices)}" if len(choices) > 1 else choices[0], lambda v: v in choices)
 
 
-def parses(parse: Callable[[str], Any], text: str) -> Allowed:
-    """A string that ``parse`` (which raises PupilError on a bad one) accepts, described by ``text``."""
+def each(rule: Allowed, noun: str) -> Allowed:
+    """A list setting with at least one item, each passing ``rule``; ``noun`` names an item in errors."""
 
-    def test(value: str) -> bool:
-        try:
-            parse(value)
-        except PupilError:
-            return False
-        return True
+    def detail(value: list) -> str:
+        bad = [v for v in value if not rule.test(v)]
+        return f"{noun} {bad[0]!r} is not {rule.text.format(type='').strip()}" if bad else f"no {noun} given"
 
-    return Allowed(text, test)
+    return Allowed(rule.text, lambda v: bool(v) and all(rule.test(x) for x in v), detail)
 
 
-def comma_numbers(value: str, setting: str) -> list[float]:
-    """``"0.1,0.05"`` -> the sorted distinct numbers; PupilError unless all are finite and >= 0 and one is given."""
-    bad = PupilError(f"{setting} must be comma-separated finite numbers >= 0, not {value!r}")
-    try:
-        numbers = {float(v) for v in value.split(",") if v.strip()}
-    except ValueError:
-        raise bad from None
-    if not numbers or any(v < 0 or not math.isfinite(v) for v in numbers):
-        raise bad
-    return sorted(numbers)
+def names_from(choices: tuple[str, ...] | list[str], noun: str, empty: bool = False) -> Allowed:
+    """A list setting of names from ``choices``, at least one unless ``empty``; ``noun`` names one in errors."""
 
-
-def comma_names(choices: tuple[str, ...] | list[str], noun: str, empty: bool = False) -> Allowed:
-    """Comma-separated names from ``choices``, at least one unless ``empty``; ``noun`` names one in errors."""
-
-    def names(value: str) -> list[str]:
-        return [s.strip() for s in value.split(",") if s.strip()]
-
-    def detail(value: str) -> str:
-        unknown = [n for n in names(value) if n not in choices]
+    def detail(value: list[str]) -> str:
+        unknown = [n for n in value if n not in choices]
         return f"unknown {noun} {', '.join(map(repr, unknown))}" if unknown else f"no {noun} given"
 
-    text = f"comma-separated names from {', '.join(choices)}" + (" (or none)" if empty else "")
-    return Allowed(text, lambda v: (empty or bool(names(v))) and set(names(v)) <= set(choices), detail)
+    text = f"a list of names from {', '.join(choices)}" + (" (or none)" if empty else "")
+    return Allowed(text, lambda v: (empty or bool(v)) and set(v) <= set(choices), detail)
 
 
 def validate_settings(cfg: Any, check: str, **allowed: Allowed) -> None:
@@ -136,9 +118,11 @@ def validate_settings(cfg: Any, check: str, **allowed: Allowed) -> None:
 
     Raises one line for the first bad value: "calibration.n_bins must be an integer >= 2, not 'abc'". Ints stay
     ints and bools are not ints; an int is taken for a float and floats must be finite; ``X | None`` allows None.
-    ``--set`` values come through YAML 1.1, so a number is taken for a string field (a one-item comma list such as
-    ``corruption.severities=3``) and a numeric string for a float field (YAML reads ``1e-3`` as a string).
-    Accepted values are stored converted (an int given for a float becomes a float).
+    ``--set`` values come through YAML 1.1, so a number is taken for a string field and a numeric string for a
+    float field (YAML reads ``1e-3`` as a string). A list field takes a list (``epsilons=[0.1,0.05]``), a comma
+    string (``severities=1,3``, the CLI's ``--ood a,b``, older Python callers), split here and nowhere else, or a
+    lone number (YAML reads ``severities=3`` as one). Accepted values are stored converted (an int given for a
+    float becomes a float, a comma string a list); a list field's rule is ``each`` or ``names_from``.
     """
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
@@ -151,8 +135,11 @@ def validate_settings(cfg: Any, check: str, **allowed: Allowed) -> None:
         typed = _typed(value, tp)
         if typed is _BAD or (rule is not None and not rule.test(typed)):
             wanted = rule.text.format(type=_noun(tp)) if rule is not None else _noun(tp)
-            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-            why = f" ({rule.detail(typed)})" if rule is not None and rule.detail and typed is not _BAD else ""
+            if typed is _BAD:
+                why = _bad_item(value, tp)
+            else:
+                why = f" ({rule.detail(typed)})" if rule is not None and rule.detail else ""
+            shown = _shown(value)
             raise PupilError(f"{check}.{f.name} must be {wanted}{' or null' if optional else ''}, not {shown}{why}")
         setattr(cfg, f.name, typed)
 
@@ -173,13 +160,45 @@ def _noun(tp: Any, plural: bool = False) -> str:
     return _NOUNS[tp][plural]
 
 
+def _items(value: Any, item: Any) -> list | None:
+    """A list field's items before conversion: a comma string split (items stripped, empty ones dropped, integers
+    read from their text), a lone number as one item, a list or tuple as is; None for anything else."""
+    if isinstance(value, str):
+        return [_from_text(s.strip(), item) for s in value.split(",") if s.strip()]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]
+    return list(value) if isinstance(value, list | tuple) else None
+
+
+def _from_text(text: str, item: Any) -> Any:
+    if item is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # refused by _typed, and named by _bad_item
+    return text
+
+
+def _bad_item(value: Any, tp: Any) -> str:
+    """`` (item 'a' is not a finite number)`` for a list field whose value has an item of the wrong type, else ""."""
+    if typing.get_origin(tp) not in (list, tuple) or (given := _items(value, typing.get_args(tp)[0])) is None:
+        return ""
+    item = typing.get_args(tp)[0]
+    bad = next(v for v in given if _typed(v, item) is _BAD)
+    return f" (item {_shown(bad)} is not {_noun(item)})"
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _typed(value: Any, tp: Any) -> Any:
     """``value`` as type ``tp`` (list[X], tuple[X, ...] or a scalar type of _NOUNS), or _BAD."""
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
+        if (given := _items(value, typing.get_args(tp)[0])) is None:
             return _BAD
-        items = [_typed(v, typing.get_args(tp)[0]) for v in value]
+        items = [_typed(v, typing.get_args(tp)[0]) for v in given]
         return _BAD if any(v is _BAD for v in items) else origin(items)
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if tp is bool:

@@ -12,22 +12,34 @@ with mCE and relative mCE their means over the corruptions. The corruptions are 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, parses, table, validate_settings
+from pupil.audit.common import (
+    CHECKS,
+    Allowed,
+    AuditContext,
+    Check,
+    at_least,
+    each,
+    headline,
+    names_from,
+    table,
+    validate_settings,
+)
 from pupil.data import stratified_split
 from pupil.data.corruptions import (
     COMMON,
     CORRUPTIONS,
+    GROUPS,
     REFERENCE_SIZE,
+    SEVERITIES,
     corrupt,
     corruption_seed,
     parse_names,
-    parse_severities,
 )
 from pupil.errors import PupilError
 from pupil.io import read_json
@@ -40,10 +52,10 @@ EXAMPLE_SIDE = 64  # example images in results.json are at most this many pixels
 
 @dataclass
 class CorruptionConfig:
-    corruptions: str = "all"
-    """Comma list of corruption names, or all (19), common (the 15 of ImageNet-C) or extra (the 4 held-out ones)."""
-    severities: str = "1,2,3,4,5"
-    """Comma list of severities, each 1 (mild) to 5 (severe)."""
+    corruptions: list[str] = field(default_factory=lambda: ["all"])
+    """Corruption names, or the groups all (19), common (the 15 of ImageNet-C) or extra (the 4 held-out ones)."""
+    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
+    """Severities, each 1 (mild) to 5 (severe)."""
     n: int = 0
     """Test images to corrupt: 0 = the whole test split, otherwise a class-stratified subset drawn with the seed."""
     baseline: str = ""
@@ -57,8 +69,8 @@ class CorruptionConfig:
         validate_settings(
             self,
             "corruption",
-            corruptions=parses(parse_names, f"all, common, extra or comma-separated names of {', '.join(CORRUPTIONS)}"),
-            severities=parses(parse_severities, "comma-separated integers from 1 to 5"),
+            corruptions=names_from([*GROUPS, *CORRUPTIONS], "corruption"),
+            severities=each(Allowed("{type} from 1 to 5", lambda v: v in SEVERITIES), "severity"),
             n=at_least(0),
             batch_size=at_least(1),
             scale=at_least(0),
@@ -71,11 +83,10 @@ class Corruption(Check):
     quick = {"n": 500}
 
     def run(self, ctx: AuditContext, cfg: CorruptionConfig) -> dict:
-        names, sevs = parse_names(cfg.corruptions), parse_severities(cfg.severities)
+        names, sevs = parse_names(cfg.corruptions), sorted(set(cfg.severities))  # groups expanded
         notes: list[str] = []
         images = ctx.test.images
-        named = {s.strip() for s in cfg.corruptions.split(",")}
-        if images.shape[1] == 1 and "saturate" in names and "saturate" not in named:
+        if images.shape[1] == 1 and "saturate" in names and "saturate" not in cfg.corruptions:
             names.remove("saturate")
             notes.append("saturate was left out: it is the identity on grey images (a grey pixel has no saturation)")
         if not names:

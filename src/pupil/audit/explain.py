@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,8 +20,8 @@ from pupil.audit.common import (
     AuditContext,
     Check,
     at_least,
-    comma_names,
     headline,
+    names_from,
     one_of,
     table,
     validate_settings,
@@ -48,8 +48,10 @@ EXAMPLE_SIDE = 32  # example images and maps are stored at most 32x32 so results
 
 @dataclass
 class ExplainConfig:
-    methods: str = "gradcam,gradcam++,integrated_gradients,occlusion,lime,kernel_shap"
-    """Comma-separated attribution methods to compare."""
+    methods: list[str] = field(
+        default_factory=lambda: ["gradcam", "gradcam++", "integrated_gradients", "occlusion", "lime", "kernel_shap"]
+    )
+    """Attribution methods to compare."""
     n: int = 200
     """Test images (a seeded random subset) explained and scored for faithfulness."""
     steps: int = 20
@@ -74,7 +76,7 @@ class ExplainConfig:
         validate_settings(
             self,
             "explain",
-            methods=comma_names(list(METHODS), "explanation method"),
+            methods=names_from(list(METHODS), "explanation method"),
             n=once,
             steps=once,
             baseline=one_of(*BASELINES),
@@ -84,10 +86,6 @@ class ExplainConfig:
             grid=once,
             examples=at_least(0),
         )
-
-    @property
-    def method_names(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
 
     def options(self, batch_size: int) -> dict:
         """Keyword options for every method (each takes the ones it uses)."""
@@ -114,7 +112,7 @@ class Explain(Check):
         random_model = randomized_copy(model, ctx.seed) if cfg.randomize else None
         per, curves = {}, {"fraction": (step_counts(cfg.steps, cfg.steps) / cfg.steps).tolist()}
         curves |= {"deletion": {}, "insertion": {}}
-        for name in cfg.method_names:
+        for name in cfg.methods:
             fn = METHODS[name]
             t0 = time.perf_counter()
             maps = saliency(model, x, target, fn, **opts)

@@ -18,7 +18,7 @@ images, is refused.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,8 @@ from pupil.audit.common import (
     Check,
     above,
     at_least,
-    comma_names,
     headline,
+    names_from,
     subset_indices,
     table,
     validate_settings,
@@ -174,18 +174,14 @@ def odin_pass(model: nn.Module, images: torch.Tensor, ctx: AuditContext, cfg: OO
 # The check
 
 
-def _names(text: str) -> list[str]:
-    return list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-
-
 @dataclass
 class OODConfig:
-    sets: str = "mnist-5k,digits,noise,uniform"
-    """Comma-separated OOD sets: dataset names, image folders, CSV manifests, or generated noise/uniform."""
-    extra: str = ""
-    """More comma-separated OOD sets given by the user (the CLI's --ood)."""
-    scores: str = "msp,max_logit,energy,odin,mahalanobis,knn,vim"
-    """Comma-separated scores to compare (higher = more in-distribution)."""
+    sets: list[str] = field(default_factory=lambda: ["mnist-5k", "digits", "noise", "uniform"])
+    """OOD sets: dataset names, image folders, CSV manifests, or generated noise/uniform."""
+    extra: list[str] = field(default_factory=list)
+    """More OOD sets given by the user (the CLI's --ood)."""
+    scores: list[str] = field(default_factory=lambda: list(SCORES))
+    """Scores to compare (higher = more in-distribution)."""
     n_id: int = 0
     """In-distribution test images used (a seeded subset; 0 = the whole test split)."""
     n_ood: int = 2000
@@ -206,7 +202,7 @@ class OODConfig:
         validate_settings(
             self,
             "ood",
-            scores=comma_names(SCORES, "OOD score"),
+            scores=names_from(SCORES, "OOD score"),
             n_id=at_least(0),
             n_ood=once,
             n_fit=once,
@@ -215,11 +211,15 @@ class OODConfig:
             knn_k=once,
             batch_size=once,
         )
-        sets = _names(f"{self.sets},{self.extra}")
+        sets = self.all_sets()
         if not sets:
             raise PupilError(f"ood.sets or ood.extra must name at least one OOD set, not {self.sets!r}, {self.extra!r}")
         if "id" in sets:
             raise PupilError("ood.sets and ood.extra must not name a set 'id' (the name of the in-distribution scores)")
+
+    def all_sets(self) -> list[str]:
+        """The sets and the extra ones, each once, in the order given."""
+        return list(dict.fromkeys([*self.sets, *self.extra]))
 
 
 @CHECKS.register("ood")
@@ -230,7 +230,7 @@ class OOD(Check):
 
     def run(self, ctx: AuditContext, cfg: OODConfig) -> dict:
         model = ctx.model.eval()
-        scores, sets = _names(cfg.scores), _names(f"{cfg.sets},{cfg.extra}")
+        scores, sets = list(dict.fromkeys(cfg.scores)), cfg.all_sets()
         id_name = ctx.run.info["data"]["dataset"]
         for name in sets:  # before any loading
             _refuse_id(name, id_name)

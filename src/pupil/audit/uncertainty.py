@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,8 @@ from pupil.audit.common import (
     AuditContext,
     Check,
     at_least,
-    comma_names,
     headline,
+    names_from,
     subset_indices,
     table,
     validate_settings,
@@ -276,12 +276,12 @@ def _tta_batch(model: nn.Module, x: torch.Tensor, views: list, device, dtype) ->
         yield out.double().softmax(1).cpu()
 
 
-def load_members(ctx: AuditContext, members: str) -> list:
+def load_members(ctx: AuditContext, members: list[str]) -> list:
     """The ensemble's other runs, refused unless their classes and input shape match this run's."""
     from pupil.run import load_run
 
     runs = []
-    for path in [m.strip() for m in members.split(",") if m.strip()]:
+    for path in members:
         run = load_run(path, device=ctx.device)
         if run.classes != ctx.run.classes:
             raise PupilError(f"ensemble member {path} has classes {run.classes}, but this run has {ctx.run.classes}")
@@ -302,12 +302,12 @@ class UncertaintyConfig:
     """Stochastic passes for MC dropout."""
     tta_samples: int = 8
     """Views for test-time augmentation (the image, its mirror, then seeded flips and shifts)."""
-    members: str = ""
-    """Other run directories for the deep ensemble, comma-separated (same classes and input shape)."""
+    members: list[str] = field(default_factory=list)
+    """Other run directories for the deep ensemble (same classes and input shape)."""
     target_accuracy: float = 0.99
     """Accuracy the accepted (not deferred) cases must reach."""
-    sources: str = "softmax,mc_dropout,tta,ensemble"
-    """Comma-separated sources of predictive distributions: softmax, mc_dropout, tta, ensemble."""
+    sources: list[str] = field(default_factory=lambda: ["softmax", "mc_dropout", "tta", "ensemble"])
+    """Sources of predictive distributions: softmax, mc_dropout, tta, ensemble."""
     n: int = 0
     """Evaluate on a seeded random subset of this many test (and validation) images (0: all)."""
 
@@ -320,13 +320,9 @@ class UncertaintyConfig:
             mc_samples=twice,
             tta_samples=twice,
             target_accuracy=Allowed("{type} in (0, 1]", lambda v: 0 < v <= 1),
-            sources=comma_names(SOURCES, "uncertainty source", empty=True),
+            sources=names_from(SOURCES, "uncertainty source", empty=True),
             n=at_least(0),
         )
-
-    @property
-    def source_list(self) -> list[str]:
-        return [s.strip() for s in self.sources.split(",") if s.strip()]
 
 
 @CHECKS.register("uncertainty")
@@ -402,7 +398,7 @@ class Uncertainty(Check):
     def _sources(self, ctx: AuditContext, cfg: UncertaintyConfig, notes: list[str]) -> dict:
         """Name -> function (split, dataset, index) -> (mean probs, expected entropy, passes); softmax first."""
         model, kw = ctx.model, dict(device=ctx.device, dtype=ctx.dtype)
-        wanted = cfg.source_list
+        wanted = cfg.sources
 
         def softmax(split: str, ds: ImageDataset, idx: torch.Tensor):
             p = ctx.logits(split)[idx].double().softmax(1)

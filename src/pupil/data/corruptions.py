@@ -91,6 +91,7 @@ CORRUPTIONS = tuple(PARAMS)  # ImageNet-C order: 15 common, then the 4 extras
 COMMON = CORRUPTIONS[:15]
 EXTRA = CORRUPTIONS[15:]
 SEVERITIES = (1, 2, 3, 4, 5)
+GROUPS = {"all": CORRUPTIONS, "common": COMMON, "extra": EXTRA}  # names that stand for several corruptions
 REFERENCE_SIZE = 224
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as cv2.COLOR_RGB2GRAY
 
@@ -164,11 +165,10 @@ def parse_names(spec: str | Iterable[str]) -> list[str]:
     """``"all"``, ``"common"``, ``"extra"`` or a comma list of names -> the names in ImageNet-C order."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     items = [s for s in items if s]
-    groups = {"all": CORRUPTIONS, "common": COMMON, "extra": EXTRA}
     chosen: set[str] = set()
     for item in items:
-        if item in groups:
-            chosen.update(groups[item])
+        if item in GROUPS:
+            chosen.update(GROUPS[item])
         elif item in PARAMS:
             chosen.add(item)
         else:

@@ -111,7 +111,7 @@ def section(name: str, s: dict[str, Any]) -> dict[str, Any]:
         rows = [[{"text": fmt(c), "num": isinstance(c, int | float)} for c in row] for row in t["rows"]]
         tables.append({"name": tname.replace("_", " "), "columns": t["columns"], "rows": rows})
     metrics = [(k, fmt(v)) for k, v in flatten(s["metrics"])]
-    config = ", ".join(f"{k}={v}" for k, v in s["config"].items())
+    config = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s["config"].items())
     return {
         "name": name,
         "title": s["title"],
