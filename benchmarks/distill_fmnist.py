@@ -56,7 +56,7 @@ def main() -> None:
                 "test_top1": evaluate(run.model, test)["top1"],
                 "wall_s": round(time.perf_counter() - t0, 1),
                 "train_time_s": run.summary()["train_time_s"],
-                "config": run.info["config"]["train"],
+                "config": {**run.info["config"]["train"], **(run.info["config"]["task"] or {})},
             }
     report = {
         "benchmark": "distill_fmnist",

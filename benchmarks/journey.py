@@ -90,7 +90,7 @@ def one(family: str, name: str, year: int, args: argparse.Namespace, out: str) -
     seen = run.summary()["total_steps"] * cfg.data.batch_size
     task = cfg.train.task
     if task == "distill":
-        task = f"{cfg.train.distill_kind} distillation from {args.teacher}"
+        task = f"{cfg.task.distill_kind} distillation from {args.teacher}"
     return {
         "family": family,
         "model": name,

@@ -230,3 +230,15 @@ def test_bad_settings_raise():
         Adversarial().config("quick", {"epsilons": "0,a"})
     with pytest.raises(PupilError, match="radii"):
         Certify().config("quick", {"radii": "x"})
+
+
+def test_training_notes_find_the_noise_sigma_in_either_config_shape():
+    from pupil.audit.certify import _training_notes
+
+    new = {"train": {"task": "noise"}, "task": {"sigma": 0.5}}
+    old = {"train": {"task": "noise", "sigma": 0.5}}
+    for config in (new, old):
+        mismatch = "the model was trained with noise sigma 0.5 but is certified at sigma 0.25"
+        assert _training_notes(config, 0.25) == [mismatch]
+        assert _training_notes(config, 0.5) == []
+    assert "trained without noise" in _training_notes({"train": {"task": "classification"}, "task": None}, 0.25)[0]

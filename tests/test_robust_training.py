@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
-from pupil.config import build
+from pupil.config import TASK_CONFIGS, AdversarialConfig, build, from_dict, task_fields
 from pupil.errors import PupilError
 from pupil.training.loop import fit
-from pupil.training.tasks import AdversarialTask, NoiseTask
+from pupil.training.tasks import TASKS, AdversarialTask, NoiseTask
 
 
 def tiny_model():
@@ -54,3 +56,45 @@ def test_bad_robust_settings_are_refused(smoke_recipe):
         build(smoke_recipe, {"adv_attack": "cw"})
     with pytest.raises(PupilError, match="non-negative"):
         build(smoke_recipe, {"sigma": -1.0})
+
+
+def test_run_json_records_only_the_chosen_methods_settings(tmp_path, smoke_recipe):
+    over = {"out": str(tmp_path), "name": "a", "epochs": 0.5, "task": "adversarial", "adv_steps": 2}
+    adv = fit(build(smoke_recipe, over), progress=False)
+    cfg = adv.info["config"]
+    assert cfg["task"] == {"adv_attack": "pgd", "epsilon": 0.1, "adv_steps": 2, "adv_alpha": 0.0}
+    assert not {"sigma", "teacher", "epsilon"} & set(cfg["train"])
+    plain = build(smoke_recipe, {"out": str(tmp_path), "name": "c"}).to_dict()
+    assert plain["task"] is None and not set(task_fields()) & set(plain["train"])
+
+
+def test_a_setting_of_another_method_is_refused_unless_at_its_default(smoke_recipe):
+    with pytest.raises(PupilError, match="^--sigma is a setting of the noise task, not of adversarial$"):
+        build(smoke_recipe, {"task": "adversarial", "sigma": 0.5})
+    assert build(smoke_recipe, {"task": "adversarial", "sigma": 0.25}).task == AdversarialConfig()
+
+
+def test_recipes_set_method_settings_in_task_or_in_train(tmp_path):
+    new = tmp_path / "new.yaml"
+    new.write_text("train: {task: adversarial}\ntask: {adv_attack: fgsm, epsilon: 0.05}\n")
+    old = tmp_path / "old.yaml"
+    old.write_text("train: {task: adversarial, adv_attack: fgsm, epsilon: 0.05}\n")
+    assert build(new).task == build(old).task == AdversarialConfig(adv_attack="fgsm", epsilon=0.05)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {sigmaa: 0.5}\n")
+    with pytest.raises(PupilError, match="unknown field.*sigmaa"):
+        build(bad)
+
+
+def test_old_run_json_with_every_method_field_in_train_round_trips(smoke_recipe):
+    cfg = build(smoke_recipe, {"task": "noise", "sigma": 0.5})
+    old = cfg.to_dict()
+    old["train"] |= {f.name: getattr(c(), f.name) for c in TASK_CONFIGS.values() for f in dataclasses.fields(c)}
+    old["train"]["sigma"] = 0.5
+    del old["task"]
+    assert from_dict(old) == cfg and from_dict(cfg.to_dict()) == cfg
+
+
+def test_each_task_names_its_config_class():
+    for name in TASKS.names():
+        assert TASKS.get(name).Config is TASK_CONFIGS.get(name)

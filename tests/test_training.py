@@ -126,7 +126,7 @@ def test_distillation_from_a_teacher_run(tmp_path, smoke_recipe, kind, student):
     cfg = smoke(tmp_path, smoke_recipe, "student", task="distill", teacher=str(teacher.dir), distill_kind=kind,
                 model=student, epochs=1.0)  # fmt: skip
     run = fit(cfg, progress=False)
-    assert run.info["config"]["train"]["teacher"] == str(teacher.dir)
+    assert run.info["config"]["task"]["teacher"] == str(teacher.dir)
 
 
 def test_distillation_task_losses_match_their_definitions():

@@ -1,8 +1,9 @@
 """Typed training configuration: dataclass defaults < YAML recipe < command-line flags.
 
 Each section is a dataclass whose fields carry a one-line docstring; the command line is generated
-from these fields (``--lr``, ``--epochs`` ...), so a field name is unique across sections. The
-resolved configuration is saved in ``run.json``.
+from these fields (``--lr``, ``--epochs`` ...), so a field name is unique across sections. Each training
+method (``train.task``) has its own section of settings, ``task``, holding only the chosen method's fields
+(``TASK_CONFIGS``). The resolved configuration is saved in ``run.json``.
 """
 
 from __future__ import annotations
@@ -134,24 +135,6 @@ class TrainConfig:
     """Seed for weights, split, order and augmentation."""
     task: str = "classification"
     """Training task (method): classification, distill, adversarial or noise."""
-    teacher: str | None = None
-    """Distillation: the teacher's run directory."""
-    distill_kind: str = "soft"
-    """Distillation: soft (KL at temperature distill_tau) or hard (teacher's argmax)."""
-    distill_alpha: float = 0.5
-    """Distillation: weight of the teacher's loss against the label loss."""
-    distill_tau: float = 3.0
-    """Distillation: softmax temperature for soft distillation."""
-    adv_attack: str = "pgd"
-    """Adversarial training: pgd (Madry et al. 2018) or fgsm (with random start, Wong et al. 2020)."""
-    epsilon: float = 0.1
-    """Adversarial training: L-inf radius in pixels ([0, 1] scale)."""
-    adv_steps: int = 7
-    """Adversarial training: PGD steps (fgsm takes one)."""
-    adv_alpha: float = 0.0
-    """Adversarial training: step size (0: 2.5 epsilon / steps for pgd, 1.25 epsilon for fgsm)."""
-    sigma: float = 0.25
-    """Noise training: standard deviation of the Gaussian noise added to pixels (Cohen et al. 2019)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     precision: str = "auto"
@@ -177,8 +160,6 @@ class TrainConfig:
             raise PupilError("epochs must be positive")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise PupilError(f"unknown precision {self.precision!r}; choose auto, bf16 or fp32")
-        if self.adv_attack not in ("pgd", "fgsm"):
-            raise PupilError(f"unknown adversarial attack {self.adv_attack!r}; choose pgd or fgsm")
         if self.precise_bn < 0:
             raise PupilError("precise_bn must be a non-negative number of batches")
         if self.precise_bn and self.task in ("noise", "adversarial"):
@@ -186,8 +167,59 @@ class TrainConfig:
                 f"precise_bn recomputes batch-norm statistics on clean images; the {self.task} task trained them "
                 "on perturbed ones, so the two do not combine"
             )
-        if self.epsilon < 0 or self.sigma < 0 or self.adv_alpha < 0 or self.adv_steps < 1:
+
+
+# The settings of each training method (a Task in pupil.training.tasks names its class as ``Config``). They
+# live here, not next to the tasks, because config sits below training in the import layers. Only the chosen
+# method's section is built and saved; classification has none.
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None
+    """Distillation: the teacher's run directory."""
+    distill_kind: str = "soft"
+    """Distillation: soft (KL at temperature distill_tau) or hard (teacher's argmax)."""
+    distill_alpha: float = 0.5
+    """Distillation: weight of the teacher's loss against the label loss."""
+    distill_tau: float = 3.0
+    """Distillation: softmax temperature for soft distillation."""
+
+
+@dataclass
+class AdversarialConfig:
+    adv_attack: str = "pgd"
+    """Adversarial training: pgd (Madry et al. 2018) or fgsm (with random start, Wong et al. 2020)."""
+    epsilon: float = 0.1
+    """Adversarial training: L-inf radius in pixels ([0, 1] scale)."""
+    adv_steps: int = 7
+    """Adversarial training: PGD steps (fgsm takes one)."""
+    adv_alpha: float = 0.0
+    """Adversarial training: step size (0: 2.5 epsilon / steps for pgd, 1.25 epsilon for fgsm)."""
+
+    def __post_init__(self):
+        if self.adv_attack not in ("pgd", "fgsm"):
+            raise PupilError(f"unknown adversarial attack {self.adv_attack!r}; choose pgd or fgsm")
+        if self.epsilon < 0 or self.adv_alpha < 0 or self.adv_steps < 1:
             raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
+
+
+@dataclass
+class NoiseConfig:
+    sigma: float = 0.25
+    """Noise training: standard deviation of the Gaussian noise added to pixels (Cohen et al. 2019)."""
+
+    def __post_init__(self):
+        if self.sigma < 0:
+            raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
+
+
+TaskConfig = DistillConfig | AdversarialConfig | NoiseConfig
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {
+    "distill": DistillConfig,
+    "adversarial": AdversarialConfig,
+    "noise": NoiseConfig,
+}
 
 
 @dataclass
@@ -196,6 +228,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig | None = None
+    """The settings of the method ``train.task`` names (its defaults when not given; None for classification)."""
+
+    def __post_init__(self):
+        cls = TASK_CONFIGS.get(self.train.task)
+        if self.task is None and cls is not None:
+            self.task = cls()
+        if type(self.task) is not (cls or type(None)):
+            takes = cls.__name__ if cls else "no settings"
+            raise PupilError(f"task {self.train.task!r} takes {takes}, not {self.task!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,21 +259,60 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def flat_fields() -> dict[str, tuple[str, dataclasses.Field, str]]:
-    """Map each flag name to (section, field, help). Field names are unique across sections."""
+    """Map each flag name to (section, field, help); a method's fields have the method's name as section.
+
+    Field names are unique across sections. The methods' fields follow ``task`` in the train section, where
+    they stood when that section held them, so ``pupil train --help`` lists them next to ``--task``.
+    """
     out = {}
-    for section, cls in SECTION_TYPES.items():
+
+    def add(section: str, cls: type) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in out:
                 raise RuntimeError(f"config field {f.name!r} appears in two sections")
             f.type = hints[f.name]
             out[f.name] = (section, f, field_docs(cls).get(f.name, ""))
+            if (section, f.name) == ("train", "task"):
+                for method, task_cls in TASK_CONFIGS.items():
+                    add(method, task_cls)
+
+    for section, cls in SECTION_TYPES.items():
+        add(section, cls)
     return out
+
+
+@cache
+def task_fields() -> dict[str, str]:
+    """Map each method setting's field name to the method that owns it (``sigma`` -> ``noise``)."""
+    return {f.name: method for method, cls in TASK_CONFIGS.items() for f in dataclasses.fields(cls)}
+
+
+def task_section(task: str, values: dict[str, Any]) -> TaskConfig | None:
+    """The config of method ``task`` from flat method fields (``{"sigma": 0.5}``).
+
+    Every given field is checked by its own method's class first, so a bad value reads the same whichever
+    method is chosen. A field of another method is refused unless it holds that method's default: run.json
+    files from before the methods had their own sections record every method's fields at their defaults.
+    """
+    owner = task_fields()
+    if unknown := set(values) - set(owner):
+        raise PupilError(f"unknown field(s) in section task: {', '.join(sorted(unknown))}")
+    chosen = None
+    for method, cls in TASK_CONFIGS.items():
+        given = {k: _coerce(cls, k, v) for k, v in values.items() if owner[k] == method}
+        section = cls(**given)
+        if method == task:
+            chosen = section
+        elif changed := [k for k in given if getattr(section, k) != getattr(cls(), k)]:
+            flag = "--" + changed[0].replace("_", "-")
+            raise PupilError(f"{flag} is a setting of the {method} task, not of {task}")
+    return chosen
 
 
 def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML recipe, then ``overrides`` (flat field names, as on the command line)."""
-    raw: dict[str, dict[str, Any]] = {s: {} for s in SECTION_TYPES}
+    raw: dict[str, dict[str, Any]] = {s: {} for s in (*SECTION_TYPES, "task")}
     if recipe is not None:
         recipe = Path(recipe)
         if not recipe.exists():
@@ -241,32 +322,39 @@ def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = N
         except yaml.YAMLError as e:
             raise PupilError(f"recipe {recipe} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
-            raise PupilError(f"recipe {recipe} must be a mapping of sections ({', '.join(SECTION_TYPES)})")
+            raise PupilError(f"recipe {recipe} must be a mapping of sections ({', '.join(raw)})")
         for section, values in loaded.items():
-            if section not in SECTION_TYPES:
-                raise PupilError(f"recipe {recipe}: unknown section {section!r} (expected {', '.join(SECTION_TYPES)})")
+            if section not in raw:
+                raise PupilError(f"recipe {recipe}: unknown section {section!r} (expected {', '.join(raw)})")
             raw[section].update(values or {})
+        # Recipes written before the methods had their own section set their fields in train:; both read the same.
+        owner = task_fields()
+        raw["task"] = {k: raw["train"].pop(k) for k in list(raw["train"]) if k in owner} | raw["task"]
         raw["train"].setdefault("name", recipe.stem)
     fields = flat_fields()
     for key, value in (overrides or {}).items():
         if key not in fields:
             raise PupilError(f"unknown config field {key!r}")
-        raw[fields[key][0]][key] = value
+        raw["task" if fields[key][0] in TASK_CONFIGS else fields[key][0]][key] = value
     parts = {}
     for section, cls in SECTION_TYPES.items():
         names = {f.name for f in dataclasses.fields(cls)}
         if unknown := set(raw[section]) - names:
             raise PupilError(f"unknown field(s) in section {section}: {', '.join(sorted(unknown))}")
         parts[section] = cls(**{k: _coerce(cls, k, v) for k, v in raw[section].items()})
-    cfg = Config(**parts)
+    cfg = Config(**parts, task=task_section(parts["train"].task, raw["task"]))
     if not cfg.train.name:
         cfg.train.name = cfg.model.model.replace(":", "_")
     return cfg
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in run.json."""
-    return Config(**{s: cls(**d.get(s, {})) for s, cls in SECTION_TYPES.items()})
+    """Rebuild a Config saved in run.json: the method's fields under ``task``, or (older runs) in ``train``."""
+    owner = task_fields()
+    train = {k: v for k, v in d.get("train", {}).items() if k not in owner}
+    values = {k: v for k, v in d.get("train", {}).items() if k in owner} | (d.get("task") or {})
+    parts = {s: cls(**(train if s == "train" else d.get(s, {}))) for s, cls in SECTION_TYPES.items()}
+    return Config(**parts, task=task_section(parts["train"].task, values))
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:

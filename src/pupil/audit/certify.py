@@ -120,7 +120,7 @@ class Certify(Check):
             f"sigma {cfg.sigma:g}, n0 {cfg.n0}, n {cfg.n}, alpha {cfg.alpha:g} (Cohen et al. 2019, Alg. 1)",
             f"with n = {cfg.n} draws no radius above {cap:.3f} can be certified",
         ]
-        notes += _training_notes(ctx.run.info["config"]["train"], cfg.sigma)
+        notes += _training_notes(ctx.run.info["config"], cfg.sigma)
         label = f"certified accuracy at L2 radius {r_head:g} (σ={cfg.sigma:g})"
         rows = [[r, certified_accuracy(r)] for r in radii]
         summary = {"certified_top1": metrics["certified_accuracy"][f"{r_head:g}"], "radius": r_head, "sigma": cfg.sigma}
@@ -136,8 +136,10 @@ class Certify(Check):
         }
 
 
-def _training_notes(train: dict, sigma: float) -> list[str]:
-    """Whether the run was trained with Gaussian noise, and with which sigma if the config records one."""
+def _training_notes(config: dict, sigma: float) -> list[str]:
+    """Whether the run was trained with Gaussian noise, and with which sigma if the config records one (in the
+    ``task`` section since per-method configs; in ``train`` in older run.json files)."""
+    train = {**config["train"], **(config.get("task") or {})}
     task = train.get("task", "classification")
     if task != "noise":
         return [

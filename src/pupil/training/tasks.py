@@ -1,5 +1,6 @@
 """Training methods as objects: each maps a batch to ``{"loss", "logits"}``; the loop never branches
-on the method (timm's ``task/``). A task is built from the resolved config with ``from_config``.
+on the method (timm's ``task/``). A task is built from the resolved config with ``from_config``; a method
+with settings names their dataclass as ``Config`` (``pupil.config.TASK_CONFIGS``), and reads them from ``cfg.task``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pupil.config import AdversarialConfig, DistillConfig, NoiseConfig
 from pupil.errors import PupilError
 from pupil.registry import Registry
 
@@ -26,6 +28,8 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float)
 @TASKS.register("classification")
 class ClassificationTask:
     """Cross-entropy with label smoothing; soft targets (from mixup/cutmix) are handled too."""
+
+    Config = None
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
@@ -49,6 +53,8 @@ class DistillationTask:
     (DeiT) trains its class head on the labels and its distillation head on the teacher, as in DeiT.
     """
 
+    Config = DistillConfig
+
     def __init__(
         self, teacher: nn.Module, kind: str = "soft", alpha: float = 0.5, tau: float = 3.0, label_smoothing: float = 0.0
     ):
@@ -63,7 +69,7 @@ class DistillationTask:
     def from_config(cls, cfg: Any, device: torch.device, classes: list[str], shape: tuple, **_: Any):
         from pupil.run import load_run
 
-        t = cfg.train
+        t: DistillConfig = cfg.task
         if not t.teacher:
             raise PupilError("--task distill needs --teacher RUN_DIR (a trained run with the same classes)")
         run = load_run(t.teacher, device=device)
@@ -108,13 +114,15 @@ class AdversarialTask:
     model in training mode, as both papers do, so batch-norm statistics also see adversarial batches.
     """
 
+    Config = AdversarialConfig
+
     def __init__(self, epsilon: float, steps: int, alpha: float, label_smoothing: float = 0.0):
         self.epsilon, self.steps, self.alpha = epsilon, steps, alpha
         self.label_smoothing = label_smoothing
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device, **_: Any) -> AdversarialTask:
-        t = cfg.train
+        t: AdversarialConfig = cfg.task
         steps = 1 if t.adv_attack == "fgsm" else t.adv_steps
         alpha = t.adv_alpha or (1.25 * t.epsilon if t.adv_attack == "fgsm" else 2.5 * t.epsilon / steps)
         return cls(t.epsilon, steps, alpha, cfg.optim.label_smoothing)
@@ -133,12 +141,14 @@ class NoiseTask:
     """Gaussian noise augmentation, N(0, sigma^2) added to the pixels and not clipped, so that the base
     classifier is accurate under the noise that randomized smoothing certifies with (Cohen et al. 2019)."""
 
+    Config = NoiseConfig
+
     def __init__(self, sigma: float, label_smoothing: float = 0.0):
         self.sigma, self.label_smoothing = sigma, label_smoothing
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device, **_: Any) -> NoiseTask:
-        return cls(cfg.train.sigma, cfg.optim.label_smoothing)
+        return cls(cfg.task.sigma, cfg.optim.label_smoothing)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = model(x + self.sigma * torch.randn_like(x))
