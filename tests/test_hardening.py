@@ -421,7 +421,7 @@ def test_a_relative_path_recorded_by_an_older_pupil_is_named(tiny_run, tmp_path,
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_learning_rate_is_refused(value, tmp_path, capsys):
     assert main(["train", RECIPE, "--out", str(tmp_path), "--lr", value, "--no-progress"]) == 2
-    assert "not a finite number" in capsys.readouterr().err
+    assert f"config field lr must be a finite number, not {float(value)!r}" in capsys.readouterr().err
     assert not (tmp_path / "synthetic").exists()
 
 

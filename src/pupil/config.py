@@ -358,20 +358,100 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Check a recipe value against the field's type (YAML gives ints for floats, lists for tuples)."""
+    """Check a recipe or flag value against the field's type with the rules check settings use (``typed_value``):
+    an int is taken for a float, floats must be finite, bools are not ints, ``X | None`` allows None."""
     tp = typing.get_type_hints(cls)[name]
-    allowed = typing.get_args(tp) or (tp,)
-    if value is None and type(None) in allowed:
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    inner = next(t for t in args if t is not type(None)) if optional else tp
+    if value is None and optional:
         return None
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PupilError(f"config field {name}: {value!r} is not a finite number")
-    for t in allowed:
-        origin = typing.get_origin(t) or t
-        if origin is not type(None) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+    if (typing.get_origin(inner) or inner) is dict:
+        if isinstance(value, dict):
             return value
-    raise PupilError(f"config field {name}: {value!r} is not a {tp}")
+        raise PupilError(f"config field {name} must be a mapping, not {shown(value)}")
+    typed = typed_value(value, inner)
+    if typed is BAD:
+        raise PupilError(
+            f"config field {name} must be {type_noun(inner)}{' or null' if optional else ''}, not {shown(value)}"
+        )
+    return typed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed values: one set of rules for training flags, recipes and audit check settings (``--set``).
+
+
+BAD = object()  # what _typed returns for a value of the wrong type
+NOUNS = {  # type -> (noun, plural) in messages
+    int: ("an integer", "integers"),
+    float: ("a finite number", "finite numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "true/false values"),
+}
+
+
+def type_noun(tp: Any, plural: bool = False) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return f"a list of {type_noun(typing.get_args(tp)[0], plural=True)}"
+    return NOUNS[tp][plural]
+
+
+def list_items(value: Any, item: Any) -> list | None:
+    """A list field's items before conversion: a comma string split (items stripped, empty ones dropped, integers
+    read from their text), a lone number as one item, a list or tuple as is; None for anything else."""
+    if isinstance(value, str):
+        return [_from_text(s.strip(), item) for s in value.split(",") if s.strip()]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]
+    return list(value) if isinstance(value, list | tuple) else None
+
+
+def _from_text(text: str, item: Any) -> Any:
+    if item is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # refused by _typed, and named by _bad_item
+    return text
+
+
+def bad_item(value: Any, tp: Any) -> str:
+    """`` (item 'a' is not a finite number)`` for a list field whose value has an item of the wrong type, else ""."""
+    if typing.get_origin(tp) not in (list, tuple) or (given := list_items(value, typing.get_args(tp)[0])) is None:
+        return ""
+    item = typing.get_args(tp)[0]
+    bad = next(v for v in given if typed_value(v, item) is BAD)
+    return f" (item {shown(bad)} is not {type_noun(item)})"
+
+
+def shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def typed_value(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (list[X], tuple[X, ...] or a scalar type of NOUNS), or BAD."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if (given := list_items(value, typing.get_args(tp)[0])) is None:
+            return BAD
+        items = [typed_value(v, typing.get_args(tp)[0]) for v in given]
+        return BAD if any(v is BAD for v in items) else origin(items)
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is bool:
+        return value if isinstance(value, bool) else BAD
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else BAD
+    if tp is float:
+        try:
+            number = float(value) if is_number or isinstance(value, str) else math.nan
+        except (ValueError, OverflowError):
+            return BAD
+        return number if math.isfinite(number) else BAD
+    if tp is str:
+        return str(value) if is_number else value if isinstance(value, str) else BAD
+    raise TypeError(f"settings cannot be of type {tp}")
 
 
 def check_run_name(name: str) -> None:

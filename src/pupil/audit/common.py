@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import typing
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pupil.config import BAD, bad_item, shown, type_noun, typed_value
 from pupil.data import ImageDataset
 from pupil.errors import PupilError
 from pupil.extras import install_hint, missing, require
@@ -132,88 +132,16 @@ def validate_settings(cfg: Any, check: str, **allowed: Allowed) -> None:
             tp = next(t for t in typing.get_args(tp) if t is not type(None))
         if value is None and optional:
             continue
-        typed = _typed(value, tp)
-        if typed is _BAD or (rule is not None and not rule.test(typed)):
-            wanted = rule.text.format(type=_noun(tp)) if rule is not None else _noun(tp)
-            if typed is _BAD:
-                why = _bad_item(value, tp)
+        typed = typed_value(value, tp)
+        if typed is BAD or (rule is not None and not rule.test(typed)):
+            wanted = rule.text.format(type=type_noun(tp)) if rule is not None else type_noun(tp)
+            if typed is BAD:
+                why = bad_item(value, tp)
             else:
                 why = f" ({rule.detail(typed)})" if rule is not None and rule.detail else ""
-            shown = _shown(value)
-            raise PupilError(f"{check}.{f.name} must be {wanted}{' or null' if optional else ''}, not {shown}{why}")
+            given = shown(value)
+            raise PupilError(f"{check}.{f.name} must be {wanted}{' or null' if optional else ''}, not {given}{why}")
         setattr(cfg, f.name, typed)
-
-
-_BAD = object()  # what _typed returns for a value of the wrong type
-_NOUNS = {  # type -> (noun, plural) in messages
-    int: ("an integer", "integers"),
-    float: ("a finite number", "finite numbers"),
-    str: ("a string", "strings"),
-    bool: ("true or false", "true/false values"),
-}
-
-
-def _noun(tp: Any, plural: bool = False) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        return f"a list of {_noun(typing.get_args(tp)[0], plural=True)}"
-    return _NOUNS[tp][plural]
-
-
-def _items(value: Any, item: Any) -> list | None:
-    """A list field's items before conversion: a comma string split (items stripped, empty ones dropped, integers
-    read from their text), a lone number as one item, a list or tuple as is; None for anything else."""
-    if isinstance(value, str):
-        return [_from_text(s.strip(), item) for s in value.split(",") if s.strip()]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return [value]
-    return list(value) if isinstance(value, list | tuple) else None
-
-
-def _from_text(text: str, item: Any) -> Any:
-    if item is int:
-        try:
-            return int(text)
-        except ValueError:
-            return text  # refused by _typed, and named by _bad_item
-    return text
-
-
-def _bad_item(value: Any, tp: Any) -> str:
-    """`` (item 'a' is not a finite number)`` for a list field whose value has an item of the wrong type, else ""."""
-    if typing.get_origin(tp) not in (list, tuple) or (given := _items(value, typing.get_args(tp)[0])) is None:
-        return ""
-    item = typing.get_args(tp)[0]
-    bad = next(v for v in given if _typed(v, item) is _BAD)
-    return f" (item {_shown(bad)} is not {_noun(item)})"
-
-
-def _shown(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-
-
-def _typed(value: Any, tp: Any) -> Any:
-    """``value`` as type ``tp`` (list[X], tuple[X, ...] or a scalar type of _NOUNS), or _BAD."""
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        if (given := _items(value, typing.get_args(tp)[0])) is None:
-            return _BAD
-        items = [_typed(v, typing.get_args(tp)[0]) for v in given]
-        return _BAD if any(v is _BAD for v in items) else origin(items)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is bool:
-        return value if isinstance(value, bool) else _BAD
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
-    if tp is float:
-        try:
-            number = float(value) if is_number or isinstance(value, str) else math.nan
-        except (ValueError, OverflowError):
-            return _BAD
-        return number if math.isfinite(number) else _BAD
-    if tp is str:
-        return str(value) if is_number else value if isinstance(value, str) else _BAD
-    raise TypeError(f"check settings cannot be of type {tp}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
