@@ -143,3 +143,24 @@ def test_help_and_import_do_not_load_torch():
         import pupil
 
         pupil.nope  # noqa: B018
+
+
+def test_the_audit_shortcut_flags_are_the_ones_the_checks_declare():
+    import dataclasses
+
+    import typer
+
+    from pupil.audit import CHECKS
+    from pupil.cli import app, audit_shortcuts
+
+    declared = audit_shortcuts()
+    assert declared == {
+        "ood": ("ood", "extra"),
+        "groups": ("fairness", "groups"),
+        "members": ("uncertainty", "members"),
+        "baseline": ("corruption", "baseline"),
+    }
+    options = {p.name for p in typer.main.get_command(app).commands["audit"].params}
+    assert set(declared) <= options  # every declared flag exists on `pupil audit`
+    for flag, (check, field) in declared.items():  # and sets a real setting of its check
+        assert field in {f.name for f in dataclasses.fields(CHECKS.get(check).Config)}, flag

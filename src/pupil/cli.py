@@ -350,8 +350,7 @@ def audit_cmd(
     load_thresholds(thresholds)  # a bad file fails before the audit, not after
     names = [c.strip() for c in checks.split(",") if c.strip()] or None
     settings = _parse_settings(setting or [])
-    shortcuts = {"ood": ("ood", "extra"), "groups": ("fairness", "groups"), "members": ("uncertainty", "members")}
-    shortcuts["baseline"] = ("corruption", "baseline")
+    shortcuts = audit_shortcuts()  # declared by the checks: flag -> (check, setting)
     given = {"ood": ood, "groups": groups, "members": members, "baseline": baseline}
     for flag, value in given.items():
         if value is None:
@@ -431,6 +430,16 @@ def compare_cmd(
     for k, v in board["mismatched_settings"].items():
         console.print(f"[bold red]warning[/]: runs differ in {k}: {', '.join(v)}")
     console.print(f"wrote {out / 'compare.html'} and {out / 'leaderboard.json'}")
+
+
+def audit_shortcuts() -> dict[str, tuple[str, str]]:
+    """The audit's shortcut flags as the checks declare them (``Check.shortcuts``): flag -> (check, setting).
+
+    The flags themselves are typer options of ``audit_cmd`` (typer needs them in its signature, and reading the
+    check registry at start-up would import torch); a test keeps the two in step."""
+    from pupil.audit import CHECKS
+
+    return {flag: (e.name, field) for e in CHECKS for flag, field in e.obj.shortcuts.items()}
 
 
 def _parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:

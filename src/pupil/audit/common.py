@@ -46,6 +46,8 @@ class Check:
     title: ClassVar[str]
     Config: ClassVar[type]
     quick: ClassVar[dict[str, Any]] = {}
+    shortcuts: ClassVar[dict[str, str]] = {}
+    """``pupil audit`` flags that set one of this check's settings: flag name -> setting (``--ood`` -> extra)."""
     requires: ClassVar[tuple[str, ...]] = ()
     """Modules the check imports beyond pupil's core, and the pip extra that brings them."""
     extra: ClassVar[str] = ""

@@ -80,6 +80,7 @@ class CorruptionConfig:
 @CHECKS.register("corruption")
 class Corruption(Check):
     name, title, Config = "corruption", "Corruption robustness", CorruptionConfig
+    shortcuts = {"baseline": "baseline"}
     quick = {"n": 500}
 
     def run(self, ctx: AuditContext, cfg: CorruptionConfig) -> dict:

@@ -274,6 +274,7 @@ class FairnessConfig:
 @CHECKS.register("fairness")
 class Fairness(Check):
     name, title, Config = "fairness", "Fairness across groups", FairnessConfig
+    shortcuts = {"groups": "groups"}
     requires, extra = ("fairlearn",), "trust"
     quick = {"n_boot": 100}
 

@@ -225,6 +225,7 @@ class OODConfig:
 @CHECKS.register("ood")
 class OOD(Check):
     name, title, Config = "ood", "Out-of-distribution detection", OODConfig
+    shortcuts = {"ood": "extra"}
     requires, extra = ("faiss", "mlxtend"), "trust"
     quick = {"n_id": 500, "n_ood": 300, "n_fit": 1000}
 

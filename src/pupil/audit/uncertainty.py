@@ -328,6 +328,7 @@ class UncertaintyConfig:
 @CHECKS.register("uncertainty")
 class Uncertainty(Check):
     name, title, Config = "uncertainty", "Uncertainty and deferral", UncertaintyConfig
+    shortcuts = {"members": "members"}
     quick = {"mc_samples": 8, "tta_samples": 4, "n": 1000}
 
     def run(self, ctx: AuditContext, cfg: UncertaintyConfig) -> dict:
