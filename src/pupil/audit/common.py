@@ -288,7 +288,8 @@ def run_audit(
                 require(gone, f"the {n} check", check.extra)
             names.remove(n)  # the default list: run the rest and say what was left out
             skipped.append(f"skipped the {n} check: it needs {install_hint(gone, check.extra)}")
-    configs = {n: CHECKS.get(n)().config(budget, settings.get(n)) for n in names}  # bad settings fail here too
+    checks_run = {n: CHECKS.get(n)() for n in names}
+    configs = {n: c.config(budget, settings.get(n)) for n, c in checks_run.items()}  # bad settings fail here too
     ctx = make_context(run_dir, device, budget, seed, data_dir)
     audit = {
         "split": "test",
@@ -312,7 +313,7 @@ def run_audit(
     sections, dropped, notes = earlier_sections(path, audit, names)
     notes = skipped + notes
     for n, cfg in configs.items():
-        check = CHECKS.get(n)()
+        check = checks_run[n]
         if on_check:
             on_check(n, "start")
         torch.manual_seed(seed)

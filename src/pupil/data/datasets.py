@@ -304,11 +304,11 @@ def load_folder(
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     bases = [root / "train", root / "test"] if has_splits else [root]
     base = root / ("test" if split == "test" else "train") if has_splits else root
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise PupilError(f"{base} holds no class folders (expected {base}/<class>/<image>)")
     listing = {b: _list_class_folders(b) for b in bases}
     files = listing[base][0]
+    classes = sorted(files)  # the class folders: visible sub-folders of base
+    if not classes:
+        raise PupilError(f"{base} holds no class folders (expected {base}/<class>/<image>)")
     paths, labels = [], []
     for k, c in enumerate(classes):
         if not files.get(c):
