@@ -273,7 +273,7 @@ def data_show(
     console.print(table)
     if conv := {k: v for k, v in ds.meta.get("conversions", {}).items() if v}:
         console.print("converted on load: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in conv.items()))
-    if ds.meta.get("classes_from") in ("folder names", "the manifest's labels"):
+    if ds.meta.get("classes_inferred"):
         console.print(f"classes inferred from {ds.meta['classes_from']}")
     for b in ds.meta.get("bad_images", []):
         console.print(f"skipped {b['path']}: {b['reason']}", markup=False)

@@ -316,7 +316,7 @@ def load_folder(
         paths += files[c]
         labels += [k] * len(files[c])
     pool = [p for b in bases for fs in listing[b][0].values() for p in fs]
-    meta = {"name": str(root), "source": "image folder", "classes_from": "folder names"}
+    meta = {"name": str(root), "source": "image folder", "classes_from": "folder names", "classes_inferred": True}
     meta["fingerprint"] = fingerprint(pool, root)
     meta["ignored_files"] = sum(len(listing[b][1]) for b in bases)
     min_count = 1 if has_splits and split == "test" else min_per_class
@@ -434,6 +434,7 @@ def load_manifest(
     all_paths = [path.parent / r["path"] for r in rows]
     extra = path.read_bytes() + (classes_file.read_bytes() if classes_from == str(classes_file) else b"")
     meta = {"name": str(path), "source": "csv manifest", "classes_from": classes_from, "duplicate_rows": duplicates}
+    meta["classes_inferred"] = classes_from == "the manifest's labels"
     meta["fingerprint"] = fingerprint(all_paths, path.parent, extra)
     if "split" in rows[0] and split != "all":
         rows = [r for r in rows if r["split"].strip().lower() == ("test" if split == "test" else "train")]

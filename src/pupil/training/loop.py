@@ -308,9 +308,8 @@ def write_run_json(state: TrainState, status: str, history: dict[str, Any]) -> N
 def announce_data(train: ImageDataset, val: ImageDataset | None, run_dir: Path, log: Callable[[str], None]) -> None:
     """Tell the user what the data loader decided on its own: an inferred class list, left-out images (listed
     in ``run_dir``/bad_images.json)."""
-    source = train.meta.get("classes_from")
-    if source in ("folder names", "the manifest's labels"):
-        log(f"{len(train.classes)} classes, inferred from {source}: {', '.join(train.classes)}")
+    if train.meta.get("classes_inferred"):
+        log(f"{len(train.classes)} classes, inferred from {train.meta['classes_from']}: {', '.join(train.classes)}")
     bad = [b for d in (train, val) if d is not None for b in d.meta.get("bad_images", [])]
     if bad:
         unique = {b["path"]: b for b in bad}
