@@ -184,3 +184,75 @@ def test_an_audit_over_a_1x_results_file_replaces_it_with_a_note(audited):
     assert note.startswith("the earlier results.json was written by an older pupil (schema 1.0); it was replaced")
     assert "without its accuracy, adversarial," in note and "--checks accuracy,adversarial," in note
     assert load_results(run) == out
+
+
+def test_every_figure_of_every_check_is_drawn(audited):
+    """Each check names its figures by kind; the report draws every one of them from the curves they point at."""
+    from pupil.report.render import section
+
+    _, results = audited
+    for name, s in results["checks"].items():
+        drawn = section(name, s)["figures"]
+        assert len(drawn) == len(s.get("figures", [])), name
+        for fig in drawn:
+            assert "could not be drawn" not in fig["caption"], (name, fig["caption"])
+            assert decode_png(fig["uri"]).ndim == 3, (name, fig["caption"])
+    assert {"line", "bars", "histogram", "drawer"} <= {
+        f["kind"] for s in results["checks"].values() for f in s.get("figures", [])
+    }
+
+
+def test_generic_kinds_draw_what_the_old_check_specific_code_drew(audited):
+    """A figure that moved from a check-named function to a generic kind is drawn pixel for pixel by the same code."""
+    from pupil.report.plots import bars, draw, histogram, line_curves
+
+    _, results = audited
+    s = results["checks"]["adversarial"]
+    ra = s["curves"]["robust_accuracy"]
+    line = draw(s["figures"][0], s)
+    assert (
+        decode_png(line).tolist()
+        == decode_png(
+            line_curves(ra["epsilon"], {"FGSM": ra["fgsm"], "PGD": ra["pgd"]}, "ε (linf)", "accuracy")
+        ).tolist()
+    )
+    s = results["checks"]["efficiency"]
+    assert draw(s["figures"][0], s) == histogram(s["curves"]["latency_ms"], 30, "batch-1 latency (ms)", "runs")
+    s = results["checks"]["accuracy"]
+    rows = s["tables"]["per_class"]["rows"]
+    assert draw(s["figures"][1], s) == bars([r[0] for r in rows], [r[4] for r in rows], "F1 per class", (0, 1))
+
+
+def test_a_new_check_gets_its_figures_without_report_code(audited):
+    """A section the report has never heard of is drawn from its figure specs alone; a bad spec costs its figure,
+    with the reason in the caption, not the report."""
+    from pupil.audit.common import figure
+    from pupil.report.plots import decode_png as png
+    from pupil.report.render import section
+
+    _, results = audited
+    s = {
+        **results["checks"]["efficiency"],
+        "curves": {"sweep": {"k": [1, 2, 3], "hit": [0.2, 0.5, 0.9]}, "values": [1.0, 2.0, 2.5], "pics": {}},
+        "figures": [
+            figure("recall at k", "line", "sweep", x="k", series={"hit": "recall"}),
+            figure("spread", "histogram", "values", bins=5),
+            figure("missing", "line", "nowhere", x="k", series={}),
+            {"caption": "odd", "kind": "drawer", "drawer": "no_such_drawer"},
+        ],
+    }
+    drawn = section("retrieval_v0", s)["figures"]
+    assert [png(f["uri"]).ndim for f in drawn[:2]] == [3, 3]
+    assert drawn[2]["caption"].startswith("missing: could not be drawn") and drawn[2]["uri"] == ""
+    assert "no_such_drawer" in drawn[3]["caption"]
+    with pytest.raises(ValueError, match="unknown figure kind"):
+        figure("x", "pie")
+
+
+def test_a_2_0_section_without_figures_says_how_to_get_them(audited):
+    from pupil.report.render import section
+
+    _, results = audited
+    s = {k: v for k, v in results["checks"]["calibration"].items() if k != "figures"}
+    out = section("calibration", s)
+    assert out["figures"] == [] and any("pupil audit --checks calibration" in n for n in out["notes"])

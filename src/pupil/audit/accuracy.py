@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, table, validate_settings
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, figure, headline, table, validate_settings
 from pupil.errors import PupilError
 from pupil.metrics import confusion_matrix, prf
 
@@ -149,4 +149,18 @@ class Accuracy(Check):
                 ),
             },
             "curves": {"confusion_matrix": {"classes": classes, "counts": cm.tolist()}},
+            "figures": [
+                figure(
+                    "Confusion matrix (row-normalised colour, counts)", "drawer", "confusion_matrix", drawer="confusion"
+                ),
+                figure(
+                    "F1 per class",
+                    "bars",
+                    table="per_class",
+                    labels="class",
+                    values="f1",
+                    xlabel="F1 per class",
+                    xlim=[0, 1],
+                ),
+            ],
         }

@@ -28,6 +28,7 @@ from pupil.audit.common import (
     above,
     at_least,
     each,
+    figure,
     headline,
     one_of,
     subset_indices,
@@ -229,6 +230,23 @@ class Adversarial(Check):
                 "robust_accuracy": {"epsilon": eps_list, "fgsm": acc_fgsm, "pgd": acc_pgd},
                 "examples": _examples(att, x, y, correct, ref, ctx.run.classes),
             },
+            "figures": [
+                figure(
+                    "Robust accuracy against ε (images wrong when clean count as not robust)",
+                    "line",
+                    "robust_accuracy",
+                    x="epsilon",
+                    series={"fgsm": "FGSM", "pgd": "PGD"},
+                    xlabel=f"ε ({cfg.norm})",
+                    ylabel="accuracy",
+                ),
+                figure(
+                    "Clean and adversarial examples with the amplified perturbation",
+                    "drawer",
+                    "examples",
+                    drawer="adversarial_examples",
+                ),
+            ],
             "notes": notes,
         }
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, headline, validate_settings
+from pupil.audit.common import CHECKS, Allowed, AuditContext, Check, at_least, figure, headline, validate_settings
 from pupil.metrics import bin_stats, brier, ece, mce
 
 
@@ -97,6 +97,7 @@ class Calibration(Check):
             "temperature": m.get("temperature"),  # None without a validation split
         }
         out["curves"] = curves
+        out["figures"] = [figure("Reliability diagram", "drawer", drawer="reliability")]
         return out
 
 

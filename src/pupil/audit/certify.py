@@ -23,6 +23,7 @@ from pupil.audit.common import (
     above,
     at_least,
     each,
+    figure,
     headline,
     subset_indices,
     table,
@@ -132,6 +133,17 @@ class Certify(Check):
             "curves": {
                 "certified_accuracy": {"radius": grid, "accuracy": [certified_accuracy(r) for r in grid]},
             },
+            "figures": [
+                figure(
+                    "Certified accuracy against L2 radius",
+                    "line",
+                    "certified_accuracy",
+                    x="radius",
+                    series={"accuracy": "smoothed classifier"},
+                    xlabel="L2 radius",
+                    ylabel="certified accuracy",
+                )
+            ],
             "notes": notes,
         }
 

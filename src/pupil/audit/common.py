@@ -225,6 +225,20 @@ def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+FIGURE_KINDS = ("line", "bars", "histogram", "images", "drawer")
+
+
+def figure(caption: str, kind: str, curve: str = "", **options: Any) -> dict[str, Any]:
+    """A figure of the check's section, for its ``figures`` list: the report draws it by ``kind`` (line, bars,
+    histogram, images, or a bespoke ``drawer=`` it names) from the data at ``curve``, a dotted path into the
+    section's curves (``table=`` names a table instead). ``options`` are the kind's: line takes ``x``, ``series``
+    ({key: label}), ``xlabel`` and ``ylabel``; bars ``labels``, ``values``, ``xlabel`` and ``xlim``; histogram
+    ``bins``, ``xlabel`` and ``ylabel``; images ``per_row``. The data stays where it is; the spec only points."""
+    if kind not in FIGURE_KINDS:
+        raise ValueError(f"unknown figure kind {kind!r}")
+    return {"caption": caption, "kind": kind, "curve": curve, **options}
+
+
 def headline(label: str, value: float, higher_is_better: bool, unit: str = "", ci: list[float] | None = None) -> dict:
     out = {"label": label, "value": value, "higher_is_better": higher_is_better, "unit": unit}
     if ci is not None:

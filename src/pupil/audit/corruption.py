@@ -25,6 +25,7 @@ from pupil.audit.common import (
     Check,
     at_least,
     each,
+    figure,
     headline,
     names_from,
     table,
@@ -154,6 +155,15 @@ class Corruption(Check):
             },
             "metrics": metrics,
             "tables": tables(metrics),
+            "figures": [
+                figure(
+                    "Accuracy against severity, one line per corruption (clean accuracy dashed)",
+                    "drawer",
+                    "accuracy_by_severity",
+                    drawer="corruption_lines",
+                ),
+                figure("One test image under every corruption", "drawer", "examples", drawer="corruption_examples"),
+            ],
             "curves": {
                 "accuracy_by_severity": {"severities": sevs, "clean": clean_acc, "series": acc},
                 "examples": examples_curve,

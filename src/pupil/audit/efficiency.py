@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, validate_settings
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, figure, headline, validate_settings
 from pupil.models.stats import count_flops, count_params
 from pupil.runtime import autocast
 
@@ -128,4 +128,9 @@ class Efficiency(Check):
             },
             "metrics": metrics,
             "curves": {"latency_ms": lat.tolist()},
+            "figures": [
+                figure(
+                    "Batch-1 latency", "histogram", "latency_ms", bins=30, xlabel="batch-1 latency (ms)", ylabel="runs"
+                )
+            ],
         }

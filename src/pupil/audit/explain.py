@@ -20,6 +20,7 @@ from pupil.audit.common import (
     AuditContext,
     Check,
     at_least,
+    figure,
     headline,
     names_from,
     one_of,
@@ -155,6 +156,17 @@ class Explain(Check):
             "metrics": metrics,
             "tables": {"faithfulness": table(["method", *columns], rows)},
             "curves": curves,
+            "figures": [
+                figure(
+                    "Deletion and insertion curves (mean over the explained images)", "drawer", drawer="faithfulness"
+                ),
+                figure(
+                    "Saliency of the most faithful method on correct and wrong predictions",
+                    "drawer",
+                    "examples",
+                    drawer="saliency_examples",
+                ),
+            ],
             "notes": self._notes(ctx, cfg, per, best),
         }
 

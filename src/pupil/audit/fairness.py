@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pupil.audit.common import CHECKS, AuditContext, Check, at_least, headline, one_of, table, validate_settings
+from pupil.audit.common import CHECKS, AuditContext, Check, at_least, figure, headline, one_of, table, validate_settings
 from pupil.errors import PupilError
 from pupil.metrics import ece, prf
 from pupil.results import png_data_uri
@@ -344,6 +344,15 @@ class Fairness(Check):
                 "slices": slices,
             },
             "tables": _tables(per_group, gap, slices, classes),
+            "figures": [
+                figure("Accuracy per group with 95% bootstrap intervals", "drawer", "groups", drawer="group_bars"),
+                figure(
+                    "The worst discovered slices: samples (true → predicted)",
+                    "drawer",
+                    "slice_examples",
+                    drawer="slice_examples",
+                ),
+            ],
             "curves": {
                 "groups": {
                     "attribute": attribute,

@@ -32,6 +32,7 @@ from pupil.audit.common import (
     Check,
     above,
     at_least,
+    figure,
     headline,
     names_from,
     subset_indices,
@@ -344,6 +345,14 @@ class OOD(Check):
             "metrics": metrics,
             "tables": {"ood": table(["set", "score", "AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR"], rows)},
             "curves": {"histograms": {s: histograms(per_score[s]) for s in hist_scores}},
+            "figures": [
+                figure(
+                    "Score histograms: in-distribution test images against each OOD set (the end bins are open-ended)",
+                    "drawer",
+                    "histograms",
+                    drawer="score_histograms",
+                )
+            ],
             "notes": notes,
         }
 

@@ -29,6 +29,7 @@ from pupil.audit.common import (
     AuditContext,
     Check,
     at_least,
+    figure,
     headline,
     names_from,
     subset_indices,
@@ -393,6 +394,20 @@ class Uncertainty(Check):
             "metrics": metrics,
             "tables": {"sources": table(columns, rows)},
             "curves": curves,
+            "figures": [
+                figure(
+                    "Risk against coverage (selective prediction) per source",
+                    "drawer",
+                    "risk_coverage",
+                    drawer="risk_coverage",
+                ),
+                figure(
+                    "Predictive entropy of correct and wrong predictions",
+                    "drawer",
+                    "entropy_histogram",
+                    drawer="entropy_histograms",
+                ),
+            ],
             "notes": notes,
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -58,8 +59,7 @@ def reliability(curves: dict[str, Any]) -> str:
     return to_uri(fig)
 
 
-def confusion(curves: dict[str, Any]) -> str:
-    cm = curves["confusion_matrix"]
+def confusion(cm: dict[str, Any]) -> str:
     counts, classes = cm["counts"], cm["classes"]
     k = len(classes)
     fig, ax = plt.subplots(figsize=(min(1.0 + 0.55 * k, 11), min(0.8 + 0.5 * k, 10)))
@@ -81,25 +81,6 @@ def confusion(curves: dict[str, Any]) -> str:
         ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(k), classes, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true")
-    fig.tight_layout()
-    return to_uri(fig)
-
-
-def per_class_bars(tables: dict[str, Any]) -> str:
-    t = tables["per_class"]
-    names = [r[0] for r in t["rows"]]
-    f1 = [r[4] for r in t["rows"]]
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 0.8))
-    ax.barh(names[::-1], f1[::-1], color=ACCENT)
-    ax.set(xlim=(0, 1), xlabel="F1 per class")
-    fig.tight_layout()
-    return to_uri(fig)
-
-
-def latency_hist(curves: dict[str, Any]) -> str:
-    fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.hist(curves["latency_ms"], bins=30, color=ACCENT)
-    ax.set(xlabel="batch-1 latency (ms)", ylabel="runs")
     fig.tight_layout()
     return to_uri(fig)
 
@@ -171,8 +152,7 @@ def image_grid(rows: list[list[str]], titles: list[list[str]], col_titles: list[
     return to_uri(fig)
 
 
-def adversarial_examples(curves: dict[str, Any]) -> str:
-    ex = curves["examples"]
+def adversarial_examples(ex: list[dict[str, Any]]) -> str:
     rows = [[e["clean"], e["adversarial"], e["perturbation"]] for e in ex]
     titles = [
         [f"clean: {e['clean_pred']}", f"ε={e['eps']:g}: {e['adv_pred']}", f"perturbation ×{e['perturbation_scale']:g}"]
@@ -310,71 +290,90 @@ def corruption_examples(ex: dict[str, Any]) -> str:
     return image_grid(rows, labels)
 
 
-FIGURES = {
-    "accuracy": [
-        ("Confusion matrix (row-normalised colour, counts)", lambda s: confusion(s["curves"])),
-        ("F1 per class", lambda s: per_class_bars(s["tables"])),
-    ],
-    "calibration": [("Reliability diagram", lambda s: reliability(s["curves"]))],
-    "efficiency": [("Batch-1 latency", lambda s: latency_hist(s["curves"]))],
-    "corruption": [
-        (
-            "Accuracy against severity, one line per corruption (clean accuracy dashed)",
-            lambda s: corruption_lines(s["curves"]["accuracy_by_severity"]),
-        ),
-        ("One test image under every corruption", lambda s: corruption_examples(s["curves"]["examples"])),
-    ],
-    "adversarial": [
-        (
-            "Robust accuracy against ε (images wrong when clean count as not robust)",
-            lambda s: line_curves(
-                s["curves"]["robust_accuracy"]["epsilon"],
-                {"FGSM": s["curves"]["robust_accuracy"]["fgsm"], "PGD": s["curves"]["robust_accuracy"]["pgd"]},
-                f"ε ({s['metrics']['norm']})",
-                "accuracy",
-            ),
-        ),
-        ("Clean and adversarial examples with the amplified perturbation", lambda s: adversarial_examples(s["curves"])),
-    ],
-    "ood": [
-        (
-            "Score histograms: in-distribution test images against each OOD set (the end bins are open-ended)",
-            lambda s: score_histograms(s["curves"]["histograms"]),
-        )
-    ],
-    "explain": [
-        ("Deletion and insertion curves (mean over the explained images)", lambda s: faithfulness_curves(s["curves"])),
-        (
-            "Saliency of the most faithful method on correct and wrong predictions",
-            lambda s: saliency_examples(s["curves"]["examples"]),
-        ),
-    ],
-    "uncertainty": [
-        (
-            "Risk against coverage (selective prediction) per source",
-            lambda s: risk_coverage(s["curves"]["risk_coverage"]),
-        ),
-        (
-            "Predictive entropy of correct and wrong predictions",
-            lambda s: entropy_histograms(s["curves"]["entropy_histogram"]),
-        ),
-    ],
-    "fairness": [
-        ("Accuracy per group with 95% bootstrap intervals", lambda s: group_bars(s["curves"]["groups"])),
-        (
-            "The worst discovered slices: samples (true → predicted)",
-            lambda s: slice_examples(s["curves"]["slice_examples"]),
-        ),
-    ],
-    "certify": [
-        (
-            "Certified accuracy against L2 radius",
-            lambda s: line_curves(
-                s["curves"]["certified_accuracy"]["radius"],
-                {"smoothed classifier": s["curves"]["certified_accuracy"]["accuracy"]},
-                "L2 radius",
-                "certified accuracy",
-            ),
-        )
-    ],
+def histogram(values: list[float], bins: int = 30, xlabel: str = "", ylabel: str = "count") -> str:
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.hist(values, bins=bins, color=ACCENT)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def bars(labels: list[str], values: list[float], xlabel: str = "", xlim: tuple[float, float] | None = None) -> str:
+    """Horizontal bars, the first label on top."""
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 0.8))
+    ax.barh([str(n) for n in labels[::-1]], values[::-1], color=ACCENT)
+    ax.set(xlabel=xlabel)
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    fig.tight_layout()
+    return to_uri(fig)
+
+
+def images(items: list[dict[str, str]] | dict[str, str], per_row: int = 7) -> str:
+    """A grid of example images: a list of ``{"image": uri, "title": text}`` or a ``{title: uri}`` mapping."""
+    pairs = list(items.items()) if isinstance(items, dict) else [(it.get("title", ""), it["image"]) for it in items]
+    rows = [[uri for _, uri in pairs[i : i + per_row]] for i in range(0, len(pairs), per_row)]
+    titles = [[t for t, _ in pairs[i : i + per_row]] for i in range(0, len(pairs), per_row)]
+    return image_grid(rows, titles)
+
+
+# Bespoke drawers a check may name (``{"kind": "drawer", "drawer": name}``) for a figure no generic kind draws.
+# Each takes the value at the figure's ``curve`` path (the whole curves object when the path is empty).
+DRAWERS: dict[str, Callable[[Any], str]] = {
+    "reliability": reliability,
+    "confusion": confusion,
+    "corruption_lines": corruption_lines,
+    "corruption_examples": corruption_examples,
+    "adversarial_examples": adversarial_examples,
+    "score_histograms": score_histograms,
+    "faithfulness": faithfulness_curves,
+    "saliency_examples": saliency_examples,
+    "risk_coverage": risk_coverage,
+    "entropy_histograms": entropy_histograms,
+    "group_bars": group_bars,
+    "slice_examples": slice_examples,
 }
+
+
+def _line(value: dict[str, Any], spec: dict[str, Any]) -> str:
+    series = {label: value[key] for key, label in spec["series"].items()}
+    return line_curves(value[spec["x"]], series, spec.get("xlabel", spec["x"]), spec.get("ylabel", ""))
+
+
+def _bars(value: dict[str, Any], spec: dict[str, Any]) -> str:
+    if "columns" in value:  # a table: labels and values name two of its columns
+        cols = value["columns"]
+        labels = [r[cols.index(spec["labels"])] for r in value["rows"]]
+        values = [r[cols.index(spec["values"])] for r in value["rows"]]
+    else:
+        labels, values = value[spec["labels"]], value[spec["values"]]
+    return bars(labels, values, spec.get("xlabel", ""), tuple(spec["xlim"]) if "xlim" in spec else None)
+
+
+KINDS: dict[str, Callable[[Any, dict[str, Any]], str]] = {
+    "line": _line,
+    "bars": _bars,
+    "histogram": lambda v, spec: histogram(
+        v, spec.get("bins", 30), spec.get("xlabel", ""), spec.get("ylabel", "count")
+    ),
+    "images": lambda v, spec: images(v, spec.get("per_row", 7)),
+    "drawer": lambda v, spec: DRAWERS[spec["drawer"]](v),
+}
+
+
+def draw(spec: dict[str, Any], section: dict[str, Any]) -> str:
+    """One figure of a results.json section, drawn by its ``kind`` from the data its spec points at: ``curve``
+    (a dotted path into the section's curves; empty for all of them) or ``table`` (a table's name).
+
+    Raises KeyError naming what is missing (an unknown kind or drawer, a path the section lacks)."""
+    if spec["kind"] not in KINDS:
+        raise KeyError(f"unknown figure kind {spec['kind']!r}")
+    if spec["kind"] == "drawer" and spec.get("drawer") not in DRAWERS:
+        raise KeyError(f"unknown drawer {spec.get('drawer')!r}")
+    if "table" in spec:
+        value = section["tables"][spec["table"]]
+    else:
+        value = section.get("curves", {})
+        for part in filter(None, spec.get("curve", "").split(".")):
+            value = value[part]
+    return KINDS[spec["kind"]](value, spec)

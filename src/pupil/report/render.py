@@ -98,14 +98,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def section(name: str, s: dict[str, Any]) -> dict[str, Any]:
-    from pupil.report.plots import FIGURES
+    from pupil.report.plots import draw
 
     figures = []
-    for caption, draw in FIGURES.get(name, []):
+    for spec in s.get("figures", []):
         try:
-            figures.append({"caption": caption, "uri": draw(s)})
+            figures.append({"caption": spec["caption"], "uri": draw(spec, s)})
         except (KeyError, ValueError, TypeError, IndexError) as e:  # a figure must not take the report down
-            figures.append({"caption": f"{caption}: could not be drawn ({e})", "uri": ""})
+            figures.append({"caption": f"{spec['caption']}: could not be drawn ({e})", "uri": ""})
+    notes = list(s.get("notes", []))
+    if "figures" not in s and s.get("curves"):
+        notes.append(
+            f"figures were not recorded in this results.json (schema 2.0): `pupil audit --checks {name}` redraws them"
+        )
     tables = []
     for tname, t in s.get("tables", {}).items():
         rows = [[{"text": fmt(c), "num": isinstance(c, int | float)} for c in row] for row in t["rows"]]
@@ -117,7 +122,7 @@ def section(name: str, s: dict[str, Any]) -> dict[str, Any]:
         "title": s["title"],
         "config": config,
         "runtime_s": s["runtime_s"],
-        "notes": s.get("notes", []),
+        "notes": notes,
         "metrics": metrics,
         "tables": tables,
         "figures": figures,
