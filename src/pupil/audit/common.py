@@ -163,6 +163,15 @@ class AuditContext:
     seed: int
     budget: str
     batch_size: int = 1024
+    gradients: bool = True
+    """Whether gradients flow through the model (not through an ONNX session): white-box attacks, Grad-CAM,
+    Integrated Gradients and ODIN need them; without them a check switches to a black-box method or skips the
+    part, with a note."""
+    features: bool = True
+    """Whether ``model.net`` keeps the feature contract (``forward_features``, ``forward_head(pre_logits=True)``,
+    ``num_features``): feature-space OOD scores, fairness's slice features and MC dropout's head need it."""
+    gradcam: bool = True
+    """Whether ``model.net`` names a ``gradcam_layer`` that forward hooks can see (not TorchScript or ONNX)."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
