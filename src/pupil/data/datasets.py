@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pupil.data.images import read_images
+from pupil.data.images import CONVERSIONS, Fit, convert_channels, fit_tensor, read_images
 from pupil.errors import PupilError
 from pupil.registry import Registry
 
@@ -44,6 +44,7 @@ FMNIST_CLASSES = [
 ]
 MIN_PER_CLASS = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CHANNEL_MODES = {1: "L", 3: "RGB"}  # ``channels`` as a PIL mode for the file loaders
 
 
 @dataclass
@@ -110,6 +111,8 @@ def load(
     data_dir: str | Path | None = None,
     val_size: int | float = 0,
     seed: int = 0,
+    fit: Fit | None = None,
+    channels: int | None = None,
     **kwargs: Any,
 ) -> ImageDataset:
     """Load a dataset by registered name, image folder path or CSV manifest path.
@@ -117,19 +120,29 @@ def load(
     ``split`` is ``train``, ``val``, ``test`` or ``all``. When ``val_size`` is non-zero (a count or a
     fraction of the training set), ``val`` is a class-stratified, seeded subset of the training
     split and ``train`` is the rest, so the test split never informs a choice.
+
+    ``fit`` resizes the shorter side and centre-crops (the evaluation preprocessing of models trained
+    elsewhere); ``channels`` (1 or 3) converts grey to RGB or RGB to grey. Both are counted in
+    ``meta["conversions"]``.
     """
     if split not in SPLITS:
         raise PupilError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if channels not in (None, *CHANNEL_MODES):
+        raise PupilError(f"channels must be 1 (grey) or 3 (RGB), not {channels!r}")
+    if fit and kwargs.get("img_size"):
+        raise PupilError("give either an image size or a resize-and-crop fit, not both")
     path = Path(name)
     if name in DATASETS:
         loader = DATASETS.get(name)
         base_split = "train" if split == "val" else split
-        ds = loader(base_split, data_dir=data_dir, seed=seed, **kwargs)
+        made = {"channels": channels} if channels else {}  # a generator (synthetic) makes them; others ignore it
+        ds = loader(base_split, data_dir=data_dir, seed=seed, **made, **kwargs)
         ds.meta.setdefault("name", name)
     elif path.suffix.lower() == ".csv" or path.is_dir():
-        ds = load_manifest(path, split, seed=seed, **kwargs) if path.suffix.lower() == ".csv" else None
+        files = {"seed": seed, "fit": fit, "mode": CHANNEL_MODES.get(channels)}
+        ds = load_manifest(path, split, **files, **kwargs) if path.suffix.lower() == ".csv" else None
         if ds is None:
-            ds = load_folder(path, split, seed=seed, **kwargs)
+            ds = load_folder(path, split, **files, **kwargs)
     else:
         raise PupilError(
             f"unknown dataset {name!r}: give one of {', '.join(DATASETS.names())}, an image folder, or a CSV manifest"
@@ -139,8 +152,19 @@ def load(
         ds = ds.subset(val_idx if split == "val" else train_idx, split)
     elif split == "val":
         raise PupilError("the val split needs val_size > 0 (it is carved from the training split)")
+    if name in DATASETS and (fit or channels):
+        ds = _convert_tensors(ds, fit, channels)
     ds.meta["split"] = split
     return ds
+
+
+def _convert_tensors(ds: ImageDataset, fit: Fit | None, channels: int | None) -> ImageDataset:
+    """A registered (in-memory) dataset converted as the file loaders convert files: channels first, then
+    the fit; what was done is added to ``meta["conversions"]``."""
+    conv = dict.fromkeys(CONVERSIONS, 0) | ds.meta.get("conversions", {})
+    x = convert_channels(ds.images, channels, conv) if channels else ds.images
+    x = fit_tensor(x, fit, conv) if fit else x
+    return ImageDataset(x, ds.targets, ds.classes, dict(ds.meta, conversions=conv), ds.columns)
 
 
 def stratified_split(targets: torch.Tensor, size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +317,8 @@ def load_folder(
     img_size: int | None = None,
     on_bad_image: str = "fail",
     min_per_class: int = MIN_PER_CLASS,
+    fit: Fit | None = None,
+    mode: str | None = None,
     **_: Any,
 ) -> ImageDataset:
     """``root/<class>/*.png``; or ``root/train/<class>`` and ``root/test/<class>`` when those exist.
@@ -320,7 +346,7 @@ def load_folder(
     meta["fingerprint"] = fingerprint(pool, root)
     meta["ignored_files"] = sum(len(listing[b][1]) for b in bases)
     min_count = 1 if has_splits and split == "test" else min_per_class
-    ds = _decoded_dataset(paths, labels, classes, {}, img_size, on_bad_image, min_count, meta)
+    ds = _decoded_dataset(paths, labels, classes, {}, img_size, on_bad_image, min_count, meta, fit=fit, mode=mode)
     if not has_splits and split != "all":
         tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)
@@ -364,10 +390,15 @@ def _decoded_dataset(
     on_bad_image: str,
     min_per_class: int,
     meta: dict[str, Any],
+    *,
+    fit: Fit | None = None,
+    mode: str | None = None,
 ) -> ImageDataset:
-    """Decode ``paths``; bad files are refused or left out (``on_bad_image``) and listed in ``meta``; a class
-    left with fewer than ``min_per_class`` images is refused by name."""
-    dec = read_images(paths, img_size, on_bad=on_bad_image, hint=" (--on-bad-image skip leaves them out)")
+    """Decode ``paths`` (to ``mode`` and ``img_size`` or ``fit`` when given); bad files are refused or left out
+    (``on_bad_image``) and listed in ``meta``; a class left with fewer than ``min_per_class`` images is refused
+    by name."""
+    hint = " (--on-bad-image skip leaves them out)"
+    dec = read_images(paths, img_size, mode, on_bad=on_bad_image, hint=hint, fit=fit)
     y = torch.tensor([labels[i] for i in dec.kept])
     cols = {k: [v[i] for i in dec.kept] for k, v in columns.items()} | {"path": [str(paths[i]) for i in dec.kept]}
     counts = torch.bincount(y, minlength=len(classes)).tolist()
@@ -387,6 +418,8 @@ def load_manifest(
     classes: list[str] | None = None,
     on_bad_image: str = "fail",
     min_per_class: int = MIN_PER_CLASS,
+    fit: Fit | None = None,
+    mode: str | None = None,
     **_: Any,
 ) -> ImageDataset:
     """A CSV with ``path,label`` and any extra columns (kept per sample in ``columns``).
@@ -447,7 +480,7 @@ def load_manifest(
     labels = [index[r["label"]] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("path", "label")}
     min_count = min_per_class if "split" not in rows[0] or split in ("train", "all") else 1
-    ds = _decoded_dataset(paths, labels, classes, columns, img_size, on_bad_image, min_count, meta)
+    ds = _decoded_dataset(paths, labels, classes, columns, img_size, on_bad_image, min_count, meta, fit=fit, mode=mode)
     if "split" not in rows[0] and split != "all":
         tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)

@@ -12,6 +12,12 @@ integer images are read as 16-bit when their values fit in 0..65535 (how 16-bit 
 [0, 1] are scaled by 255, others stretched from minimum to maximum. Each of these, a dropped alpha
 channel, a mode change, an EXIF rotation and a resize is counted in ``conversions``.
 
+With a ``Fit`` the images get the standard ImageNet evaluation preprocessing that models trained
+elsewhere (timm, torchvision) expect instead of a square resize: the shorter side is resized to
+``fit.resize`` keeping the aspect ratio, then the centre ``fit.crop`` square is cut out, with the same
+arithmetic and the same PIL call as torchvision's ``Resize(int)`` and ``CenterCrop`` on PIL images.
+``fit_tensor`` does the same to images already held as a uint8 tensor.
+
 A file that cannot be used (missing, empty, not an image, truncated, over PIL's decompression-bomb
 limit, non-finite pixels) is a ``BadImage``. With ``on_bad="fail"`` all of them are reported at once in
 one error; with ``on_bad="skip"`` they are left out and returned, so the caller can write them down.
@@ -38,11 +44,58 @@ CONVERSIONS = (
     "rescaled_float",
     "alpha_dropped",
     "exif_rotated",
+    "cropped",
+    "upsampled",
+    "grey_to_rgb",
+    "rgb_to_grey",
 )
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 GREY_MODES = ("1", "L", "LA", "La", "I", "F", *SIXTEEN_BIT)
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 MAX_LISTED = 50  # bad files named in one error message
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # torchvision.transforms.InterpolationMode values
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Resize the shorter side, keeping the aspect ratio, then centre-crop a square (ImageNet evaluation)."""
+
+    resize: int
+    """Length of the shorter side after resizing, in pixels (256 for most ImageNet models)."""
+    crop: int
+    """Side of the square cut from the centre of the resized image (224 for most ImageNet models)."""
+    interpolation: str = "bilinear"
+    """One of nearest, bilinear, bicubic (timm's models state theirs in their pretrained config)."""
+
+    def __post_init__(self):
+        for name in ("resize", "crop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PupilError(f"the {name} size must be a positive whole number of pixels, not {v!r}")
+        if self.crop > self.resize:
+            raise PupilError(f"the crop ({self.crop}) cannot be larger than the resized shorter side ({self.resize})")
+        if self.interpolation not in INTERPOLATIONS:
+            raise PupilError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """``(width, height)`` after the resize; the longer side is truncated as in torchvision's
+        ``_compute_resized_output_size``."""
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.resize * long / short)
+        return (self.resize, new_long) if w <= h else (new_long, self.resize)
+
+    def crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """PIL's ``(left, top, right, bottom)`` of the centre crop of a ``w`` x ``h`` image, rounded as in
+        torchvision's ``_center_crop_compute_crop_anchor``."""
+        top, left = round((h - self.crop) / 2.0), round((w - self.crop) / 2.0)  # half to even, as there
+        return left, top, left + self.crop, top + self.crop
+
+    def count(self, w: int, h: int, conv: dict[str, int], n: int = 1) -> None:
+        """Count in ``conv`` what fitting ``n`` images of ``w`` x ``h`` does to them."""
+        resized = self.resized_size(w, h)
+        conv["resized"] += n * (resized != (w, h))
+        conv["upsampled"] += n * (min(w, h) < self.resize)
+        conv["cropped"] += n * (resized != (self.crop, self.crop))
 
 
 @dataclass
@@ -67,14 +120,21 @@ class _Bad(Exception):
 
 
 def read_images(
-    paths: list[Path], img_size: int | None = None, mode: str | None = None, on_bad: str = "fail", hint: str = ""
+    paths: list[Path],
+    img_size: int | None = None,
+    mode: str | None = None,
+    on_bad: str = "fail",
+    hint: str = "",
+    fit: Fit | None = None,
 ) -> Decoded:
     """Decode image files into one uint8 tensor, converting mixed modes and sizes to the majority (or to
-    ``mode`` and ``img_size``). Raises PupilError naming every bad file (followed by ``hint``) unless
-    ``on_bad`` is ``skip``.
+    ``mode`` and ``img_size``, or resized and cropped by ``fit``). Raises PupilError naming every bad file
+    (followed by ``hint``) unless ``on_bad`` is ``skip``.
     """
     if on_bad not in ON_BAD:
         raise PupilError(f"--on-bad-image must be one of {', '.join(ON_BAD)}, not {on_bad!r}")
+    if img_size and fit:
+        raise PupilError("give either an image size or a resize-and-crop fit, not both")
     heads, bad = [], []
     for i, p in enumerate(paths):
         try:
@@ -91,7 +151,7 @@ def read_images(
     arrays, kept = [], []
     for i, _, _ in heads:
         try:
-            arrays.append(_decode(Path(paths[i]), mode, size, conv))
+            arrays.append(_decode(Path(paths[i]), mode, size, conv, fit))
             kept.append(i)
         except _Bad as e:
             bad.append(BadImage(str(paths[i]), str(e)))
@@ -149,14 +209,26 @@ def _exif_orientation(im) -> int:
         return 1
 
 
-def _decode(path: Path, mode: str, size: tuple[int, int], conv: dict[str, int]) -> np.ndarray:
-    """Decode one file to ``mode`` at ``size``: (C, H, W) uint8, counting each conversion in ``conv``."""
+def _decode(path: Path, mode: str, size: tuple[int, int], conv: dict[str, int], fit: Fit | None = None) -> np.ndarray:
+    """Decode one file to ``mode`` at ``size`` (or as ``fit`` says): (C, H, W) uint8, counting each conversion
+    in ``conv``."""
     from PIL import Image, ImageOps
 
     with _open(path) as im:
         try:
+            w, h = im.size
+            rotated = _exif_orientation(im) in (5, 6, 7, 8)
+            if rotated:
+                w, h = h, w  # the size as viewed
+            if fit:
+                size = fit.resized_size(w, h)
             if im.format == "JPEG":
-                im.draft(mode, size)  # decode at the smallest DCT scale that still covers ``size``
+                # Decode at the smallest DCT scale that still covers ``size`` (stored, not viewed, orientation
+                # under a fit: Image.draft keeps both sides >= the request, so the shorter one stays >= resize).
+                source_mode = im.mode
+                im.draft(mode, size[::-1] if fit and rotated else size)
+                if im.mode != source_mode:  # RGB decoded straight to L
+                    conv["converted_mode"] += 1
             im.load()
             if _exif_orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
@@ -168,13 +240,57 @@ def _decode(path: Path, mode: str, size: tuple[int, int], conv: dict[str, int]) 
             if im.mode != mode:
                 conv["converted_mode"] += 1
                 im = im.convert(mode)
-            if im.size != size:
+            if fit:
+                im = _fit(im, fit, size, (w, h), conv)
+            elif im.size != size:
                 conv["resized"] += 1
                 im = im.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            elif (w, h) != size:  # the JPEG decoder alone brought it to size
+                conv["resized"] += 1
             a = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as e:
             raise _Bad(f"corrupt or truncated ({e})") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _fit(im, fit: Fit, size: tuple[int, int], full: tuple[int, int], conv: dict[str, int]):
+    """Resize ``im`` (decoded from a ``full``-sized image, perhaps at a reduced JPEG scale) to ``size`` and cut
+    out the centre crop. The call is torchvision's ``_resize_image_pil``: ``Image.resize`` without
+    ``reducing_gap``, so a file that is not drafted gives exactly torchvision's pixels."""
+    from PIL import Image
+
+    fit.count(*full, conv)
+    if im.size != size:
+        im = im.resize(size, getattr(Image.Resampling, fit.interpolation.upper()))
+    return im.crop(fit.crop_box(*size)) if size != (fit.crop, fit.crop) else im
+
+
+def fit_tensor(x: torch.Tensor, fit: Fit, conv: dict[str, int], chunk: int = 1024) -> torch.Tensor:
+    """Resize and centre-crop uint8 images ``(N, C, H, W)`` with torchvision's tensor kernels (antialiased),
+    ``chunk`` images at a time to bound the float copies; counts go in ``conv``."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = x.shape[-2:]
+    fit.count(w, h, conv, len(x))
+    mode = InterpolationMode(fit.interpolation)
+    parts = [F.center_crop(F.resize(c, [fit.resize], mode, antialias=True), [fit.crop]) for c in x.split(chunk)]
+    return torch.cat(parts)  # split always gives at least one (perhaps empty) chunk
+
+
+def convert_channels(x: torch.Tensor, channels: int, conv: dict[str, int]) -> torch.Tensor:
+    """uint8 images ``(N, C, H, W)`` to 1 or 3 channels: grey is repeated; RGB becomes ITU-R 601-2 luma in
+    PIL's fixed-point arithmetic (``convert("L")`` exactly); counts go in ``conv``."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 3 and x.shape[1] == 1:
+        conv["grey_to_rgb"] += len(x)
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if channels == 1 and x.shape[1] == 3:
+        conv["rgb_to_grey"] += len(x)
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)  # 0.299, 0.587, 0.114 * 2^16
+        return (((x.int() * weights).sum(1, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
+    raise PupilError(f"cannot turn {x.shape[1]}-channel images into {channels} channels (give 1 or 3)")
 
 
 def _to_8bit(im, conv: dict[str, int]):
