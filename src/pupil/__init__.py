@@ -16,6 +16,7 @@ _LAZY = {
     "data": ("pupil.data", None),
     "models": ("pupil.models", None),
     "Run": ("pupil.run", "Run"),
+    "audit": ("pupil.audit", None),  # a callable package: pupil.audit(model, data, ...) is pupil.api.audit
     "load_run": ("pupil.run", "load_run"),
 }
 
@@ -44,4 +45,4 @@ def train(recipe=None, *, resume=None, overwrite: bool = False, progress: bool =
     return fit(build(recipe, overrides), overwrite=overwrite, progress=progress)
 
 
-__all__ = ["Run", "__version__", "data", "load_run", "models", "train"]
+__all__ = ["Run", "__version__", "audit", "data", "load_run", "models", "train"]

@@ -317,16 +317,58 @@ def data_corrupt(
 
 @app.command("audit")
 def audit_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory, or a model pupil did not train: timm:NAME, torchvision:NAME, onnx:FILE, "
+            "torchscript:FILE, export:FILE or py:package.module:factory.",
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(help="Dataset name, image folder or CSV manifest (a run's own data by default)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the results of a model pupil did not train (audits/NAME).")
+    ] = None,
     checks: Annotated[str, typer.Option(help="Comma-separated check names (default: all).")] = "",
     budget: Annotated[str, typer.Option(help="quick (minutes) or full.")] = "quick",
     device: DeviceOpt = "auto",
+    precision: Annotated[
+        str, typer.Option(help="fp32 (the model as given), bf16, or auto (bf16 where the device is fast at it).")
+    ] = "fp32",
     seed: Annotated[int, typer.Option(help="Seed for bootstrap and sampling.")] = 0,
     setting: Annotated[
         list[str] | None, typer.Option("--set", help="check.field=value, e.g. energy.country=FRA.")
     ] = None,
     thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
     data_dir: DataDirOpt = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="timm:/torchvision:/py: weights: .safetensors or a .pth/.pt state dict.")
+    ] = None,
+    pretrained: Annotated[bool, typer.Option(help="timm:/torchvision: the published weights (network).")] = False,
+    img_size: Annotated[int | None, typer.Option(help="The model's input side in pixels.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to this before the crop.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre crop side (default: --img-size).")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="nearest, bilinear or bicubic.")] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Per-channel mean the model subtracts, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std the model divides by.")] = None,
+    input_range: Annotated[
+        str | None, typer.Option(help="0-1 or 0-255: the pixel range the model takes (mean/std in its units).")
+    ] = None,
+    classes: Annotated[
+        Path | None, typer.Option(help="The model's class names, one per line, in output order.")
+    ] = None,
+    class_map: Annotated[
+        str | None, typer.Option(help="auto (by name or WordNet id) or a CSV of data_class,model_class.")
+    ] = None,
+    val_size: Annotated[
+        float, typer.Option(help="Validation images held out of the data (count or fraction) for fitted thresholds.")
+    ] = 0.1,
+    on_bad_image: Annotated[str, typer.Option(help="fail or skip (and count) images that cannot be read.")] = "fail",
     ood: Annotated[
         str | None, typer.Option(help="Extra OOD sets (ood check): dataset names, folders or CSVs, comma-separated.")
     ] = None,
@@ -338,16 +380,13 @@ def audit_cmd(
         str | None, typer.Option(help="Baseline run (audited with the corruption check) for mCE and relative mCE.")
     ] = None,
 ) -> None:
-    """Audit a run: write <run>/results.json, then render report.html and model_card.md from it."""
+    """Audit a model on data: write results.json, then render report.html and model_card.md from it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from pupil.audit import run_audit
-    from pupil.report.render import load_thresholds, render_run
-    from pupil.run import read_info, run_lock
+    from pupil.api import audit, is_run_dir
     from pupil.runtime import setup_threads
 
     setup_threads(0)
-    load_thresholds(thresholds)  # a bad file fails before the audit, not after
     names = [c.strip() for c in checks.split(",") if c.strip()] or None
     settings = _parse_settings(setting or [])
     shortcuts = audit_shortcuts()  # declared by the checks: flag -> (check, setting)
@@ -359,6 +398,19 @@ def audit_cmd(
         if names is not None and check not in names:
             raise PupilError(f"--{flag} is a setting of the {check} check, which --checks leaves out")
         settings.setdefault(check, {})[field] = value
+    if data is not None and data_dir is not None:
+        raise PupilError("give --data or --data-dir, not both")
+    preprocess = {
+        "img_size": img_size,
+        "resize": resize,
+        "crop": crop,
+        "interpolation": interpolation,
+        "mean": mean,
+        "std": std,
+        "input_range": input_range,
+    }
+    if not is_run_dir(model) and data_dir is not None:
+        raise PupilError("--data-dir points a run at its moved data; give a model pupil did not train --data")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         tasks = {}
 
@@ -368,23 +420,33 @@ def audit_cmd(
             else:
                 bar.update(tasks[name], completed=1, description=f"audit: {name} done")
 
-        read_info(run)  # a missing or corrupt run fails here, before the lock
-        with run_lock(run, "auditing"):  # results.json, report.html and model_card.md change together
-            results = run_audit(
-                run,
-                names,
-                budget=budget,
-                device=device,
-                seed=seed,
-                settings=settings,
-                data_dir=data_dir,
-                on_check=on_check,
-            )
-            html, card = render_run(run, thresholds)
+        results = audit(
+            model,
+            data if data is not None else data_dir,
+            names,
+            budget,
+            out,
+            preprocess,
+            weights=weights,
+            pretrained=pretrained,
+            classes=classes,
+            class_map=class_map,
+            val_size=int(val_size) if val_size >= 1 and val_size == int(val_size) else val_size,
+            device=device,
+            seed=seed,
+            settings=settings,
+            precision=precision,
+            thresholds=thresholds,
+            on_bad_image=on_bad_image,
+            on_check=on_check,
+        )
     _print_card(results)
     for note in results["audit"].get("notes", []):
         console.print(f"note: {note}", markup=False)
-    console.print(f"results: {Path(run) / 'results.json'}\nreport: {html}\nmodel card: {card}")
+    folder = Path(results["run"]["dir"])
+    console.print(
+        f"results: {folder / 'results.json'}\nreport: {folder / 'report.html'}\nmodel card: {folder / 'model_card.md'}"
+    )
 
 
 @app.command("report")

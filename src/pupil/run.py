@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,9 @@ class Run:
     dir: Path
     info: dict[str, Any]
     model: torch.nn.Module | None = field(default=None, repr=False)
+    splits: Callable[[str], ImageDataset] | None = field(default=None, repr=False)
+    """For a model pupil did not train (``pupil.sources``): its data, split and decoded to the model's input."""
+    weights_file: Path | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -173,6 +177,8 @@ class Run:
         """
         from pupil.data import DATASETS, load
 
+        if self.splits is not None:
+            return self.splits(split)
         d, cfg = self.info["data"], self.info["config"]
         name, folder = d["dataset"], d.get("data_dir")
         if data_dir:
@@ -314,6 +320,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     if extra := set(state) - set(expected):
         raise PupilError(f"{weights} holds tensors that {m['name']} does not have: {', '.join(sorted(extra)[:3])}")
     net.load_state_dict(state)
+    run.weights_file = weights
     model = PixelModel(net, d["mean"], d["std"], tta=info.get("tta", False)).to(device).eval()
     run.model = model
     return run

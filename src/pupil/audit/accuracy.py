@@ -129,6 +129,25 @@ class Accuracy(Check):
             pos_true, pos_pred = y >= cfg.positive_from, pred >= cfg.positive_from
             metrics["sensitivity"] = (pos_true & pos_pred).sum().item() / max(pos_true.sum().item(), 1)
             metrics["specificity"] = (~pos_true & ~pos_pred).sum().item() / max((~pos_true).sum().item(), 1)
+        notes = []
+        index = (ctx.run.info.get("source") or {}).get("class_index")
+        if index is not None:  # the data's classes are some of the model's: say which protocol, give both
+            full = ctx.forward(ctx.split("test").images, lambda x: ctx.model.net.full(ctx.model.normalize(x)))
+            total = full.shape[1]
+            metrics["protocol"] = f"restricted to the {k} mapped classes of the model's {total:,}"
+            metrics["top1_all_classes"] = (full.argmax(1) == torch.tensor(index)[y]).double().mean().item()
+            notes.append(
+                f"top-1 is over the {k} classes of the data (the model's outputs for them); over all "
+                f"{total:,} of the model's classes it is {metrics['top1_all_classes']:.2%}"
+            )
+        else:
+            metrics["protocol"] = f"all {k} classes"
+        chance = 1 / k
+        if k > 1 and ci["top1"][1] < chance + 0.1 * (1 - chance):  # the interval's top within 10% of chance
+            notes.append(
+                f"top-1 ({metrics['top1']:.1%}) is near chance ({chance:.1%} for {k} classes): the preprocessing "
+                "may be wrong (mean and std, input range 0-1 or 0-255, RGB or BGR channel order) or the class order"
+            )
         worst = sorted(per_class, key=lambda row: row[3])[:WORST_CLASSES]  # stable: ties keep the class order
         summary = {
             "top1": metrics["top1"],
@@ -163,4 +182,5 @@ class Accuracy(Check):
                     xlim=[0, 1],
                 ),
             ],
+            "notes": notes,
         }

@@ -153,6 +153,11 @@ def _training_notes(config: dict, sigma: float) -> list[str]:
     ``task`` section since per-method configs; in ``train`` in older run.json files)."""
     train = {**config["train"], **(config.get("task") or {})}
     task = train.get("task", "classification")
+    if task == "unknown":  # a model pupil did not train
+        return [
+            "pupil did not train this model, so whether it saw Gaussian noise of matching sigma is unknown: "
+            "randomized smoothing certifies much less for a base classifier trained on clean images"
+        ]
     if task != "noise":
         return [
             f"trained without noise (task {task!r}): randomized smoothing is meant for a base classifier trained "

@@ -255,31 +255,45 @@ def headline(label: str, value: float, higher_is_better: bool, unit: str = "", c
     return out
 
 
-def make_context(run_dir: str | Path, device: str, budget: str, seed: int, data_dir: str | None = None) -> AuditContext:
-
+def make_context(
+    run: str | Path | Run,
+    device: str,
+    budget: str,
+    seed: int,
+    data_dir: str | None = None,
+    precision: str = "fp32",
+) -> AuditContext:
+    """The audit's context for a run directory, or for a ``Run`` that ``pupil.sources`` opened (a model pupil
+    did not train). The audit computes in ``precision``: fp32, the model as given, unless asked otherwise."""
     if budget not in BUDGETS:
         raise PupilError(f"unknown budget {budget!r}; choose {' or '.join(BUDGETS)}")
     dev = resolve_device(device)
-    run = load_run(run_dir, device=dev)
+    if not isinstance(run, Run):
+        run = load_run(run, device=dev)
+    run.model.to(dev)
     info, cfg = run.info, run.info["config"]
     if info["runtime"]["channels_last"]:  # the weights too: channels-last inputs alone gain little
         run.model.to(memory_format=torch.channels_last)
     test = run.split("test", data_dir)
     val = run.split("val", data_dir) if cfg["data"]["val_size"] else None
+    source = info.get("source") or {}
     return AuditContext(
         run=run,
         test=test,
         val=val,
         device=dev,
-        dtype=resolve_precision(cfg["train"]["precision"], dev),
+        dtype=resolve_precision(precision, dev),
         channels_last=info["runtime"]["channels_last"],
         seed=seed,
         budget=budget,
+        gradients=source.get("gradients", True),
+        features=source.get("features", True),
+        gradcam=source.get("gradcam", True),
     )
 
 
 def run_audit(
-    run_dir: str | Path,
+    run_dir: str | Path | Run,
     checks: list[str] | None = None,
     *,
     budget: str = "quick",
@@ -288,8 +302,12 @@ def run_audit(
     settings: dict[str, dict[str, Any]] | None = None,
     data_dir: str | None = None,
     on_check: Callable[[str, str], None] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the named checks (all registered ones by default) and write ``<run>/results.json``.
+
+    ``run_dir`` is a run directory, or a ``Run`` from ``pupil.sources.open_audit`` (a model pupil did not
+    train; results.json goes to its ``dir``).
 
     Sections of an earlier results.json that were audited with the same split, budget and seed are
     kept for checks not re-run now; otherwise the file is replaced. A kept section that no longer follows
@@ -313,7 +331,8 @@ def run_audit(
             skipped.append(f"skipped the {n} check: it needs {install_hint(gone, check.extra)}")
     checks_run = {n: CHECKS.get(n)() for n in names}
     configs = {n: c.config(budget, settings.get(n)) for n, c in checks_run.items()}  # bad settings fail here too
-    ctx = make_context(run_dir, device, budget, seed, data_dir)
+    ctx = make_context(run_dir, device, budget, seed, data_dir, precision)
+    run_dir = ctx.run.dir
     audit = {
         "split": "test",
         "n": len(ctx.test),
@@ -334,7 +353,7 @@ def run_audit(
     }
     path = Path(run_dir) / "results.json"
     sections, dropped, notes = earlier_sections(path, audit, names)
-    notes = skipped + notes
+    notes = skipped + list((ctx.run.info.get("source") or {}).get("notes", [])) + notes
     for n, cfg in configs.items():
         check = checks_run[n]
         if on_check:
@@ -364,6 +383,7 @@ def run_audit(
             "model": ctx.run.info["model"],
             "dataset": ctx.run.info["data"]["dataset"],
             "classes": ctx.run.classes,
+            **({"source": ctx.run.info["source"]} if "source" in ctx.run.info else {}),
         },
         "audit": audit,
         "checks": {k: sections[k] for k in sorted(sections, key=_order)},
