@@ -23,7 +23,7 @@ def is_run_dir(model: Any) -> bool:
     """Whether ``model`` names a run directory (as opposed to a ``kind:target`` model source or a module)."""
     if not isinstance(model, str | Path):
         return False
-    return not (isinstance(model, str) and re.match(r"^(timm|torchvision|onnx|torchscript|export|py):", model))
+    return not (isinstance(model, str) and re.match(r"^\w+:", model) and not Path(model).exists())
 
 
 def audit(

@@ -604,11 +604,17 @@ def _norm(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
-def _auto_map(data_classes: list[str], model_classes: list[str], wnids: list[str] | None) -> list[int]:
+def _aliases(model_classes: list[str]) -> dict[str, int]:
+    """Each model class by its full description and each comma-separated synonym (first class wins a tie)."""
     by_name: dict[str, int] = {}
     for i, desc in enumerate(model_classes):
         for alias in [desc, *desc.split(",")]:
             by_name.setdefault(_norm(alias), i)
+    return by_name
+
+
+def _auto_map(data_classes: list[str], model_classes: list[str], wnids: list[str] | None) -> list[int]:
+    by_name = _aliases(model_classes)
     by_wnid = {w: i for i, w in enumerate(wnids or [])}
     index, unmatched = [], []
     for c in data_classes:
@@ -634,7 +640,7 @@ def _file_map(path: Path, data_classes: list[str], model_classes: list[str]) -> 
         raise PupilError(f"class map {path} is not a CSV file: {e}") from None
     if rows and [x.strip().lower() for x in rows[0][:2]] == ["data_class", "model_class"]:
         rows = rows[1:]
-    by_name = {_norm(n): i for i, n in enumerate(model_classes)}
+    by_name = _aliases(model_classes)
     mapping: dict[str, int] = {}
     for n, row in enumerate(rows, 1):
         if len(row) < 2:
