@@ -13,7 +13,7 @@ from torch import nn
 import pupil
 from pupil.errors import PupilError
 from pupil.sources import Preprocess, map_classes, read_state
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_fmnist
 
 CHEAP = "accuracy,calibration"
 
@@ -292,3 +292,51 @@ def test_cli_refuses_in_one_line(tmp_path, folder):
         res = cli(*args, "--out", str(tmp_path / "o"))
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
         assert not (tmp_path / "o").exists()
+
+
+@needs_fmnist
+def test_a_model_trained_outside_pupil_audits_the_same_three_ways(tmp_path):
+    """examples/train_outside.py saves one model as a state dict, ONNX and TorchScript: the three audits agree on
+    top-1 exactly and on ECE to 1e-4 (the README's first demonstration, with the script's --tiny mode)."""
+    res = subprocess.run(
+        [sys.executable, "examples/train_outside.py", "--tiny", "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    pre = {"mean": "0.2860", "std": "0.3530"}
+    m = tmp_path / "m"
+    runs = {
+        "py": audit(
+            tmp_path / "py", "py:examples.outside_cnn:build", "fashion-mnist", weights=m / "model.pth", preprocess=pre
+        ),
+        "onnx": audit(tmp_path / "onnx", f"onnx:{m / 'model.onnx'}", "fashion-mnist", preprocess=pre),
+        "ts": audit(tmp_path / "ts", f"torchscript:{m / 'model.ts'}", "fashion-mnist", preprocess=pre),
+    }
+    top1 = {k: r["checks"]["accuracy"]["summary"]["top1"] for k, r in runs.items()}
+    ece = {k: r["checks"]["calibration"]["summary"]["ece"] for k, r in runs.items()}
+    assert top1["py"] == top1["onnx"] == top1["ts"] and top1["py"] > 0.15, top1  # above chance (0.10)
+    assert abs(ece["py"] - ece["onnx"]) < 1e-4 and abs(ece["py"] - ece["ts"]) < 1e-4, ece
+    assert (
+        runs["onnx"]["run"]["source"]["gradients"] is False
+        and runs["onnx"]["run"]["source"]["preprocess"]["crop"] == 28
+    )
+
+
+def test_onnx_refusals(tmp_path, folder, monkeypatch):
+    class NHWC(nn.Module):
+        def forward(self, x):  # (N, H, W, C) in
+            return x.mean((1, 2))
+
+    path = tmp_path / "nhwc.onnx"
+    torch.onnx.export(
+        NHWC(), (torch.rand(1, 24, 24, 3),), str(path), input_names=["input"], dynamo=False, opset_version=17
+    )
+    with pytest.raises(PupilError, match="takes input 'input' as NHWC; pupil feeds NCHW"):
+        audit(tmp_path, f"onnx:{path}", str(folder), preprocess={"mean": "0.5", "std": "0.2"})
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if onnxruntime were not installed
+    with pytest.raises(PupilError, match=r"needs onnxruntime: pip install 'pupil\[onnx\]'"):
+        audit(tmp_path, f"onnx:{path}", str(folder), preprocess={"mean": "0.5", "std": "0.2"})
+    assert not (tmp_path / "audit").exists()

