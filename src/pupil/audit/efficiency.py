@@ -1,6 +1,11 @@
 """Efficiency: parameters, FLOPs (``torch.utils.flop_counter``), size on disk, latency at batch 1
 (p50/p95 over timed repeats after warm-up), throughput at a large batch, peak memory, and the threads
 used. Figures are for the deployed model, flip TTA included when the run uses it.
+
+FLOPs are counted on PyTorch's operators, so a model run outside them (an ONNX Runtime session, which gives no
+gradients) or one the counter cannot trace has none recorded (None), with a note; likewise the parameter count
+of a network without PyTorch parameters (unless it states a ``param_count``) and the size of a weights file
+that is not there.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -96,14 +102,21 @@ class Efficiency(Check):
         lat = torch.tensor(timed(forward(one), cfg.latency_repeats, cfg.warmup, dev)) * 1000
         thr = timed(forward(big), cfg.throughput_repeats, max(1, cfg.warmup // 5), dev)
         peak, peak_method = peak_memory_bytes(forward(big), dev)
-        weights = ctx.run.dir / "model.safetensors"
-        net_flops = count_flops(model.net.float().cpu(), (1, *shape))
-        model.to(dev)
+        notes: list[str] = []
+        net_flops = _flops(ctx, shape, notes)
+        params = _params(model.net, notes)
+        weights, size = _weights(ctx, notes)
+        if not ctx.gradients:
+            notes.append(
+                "peak memory counts the tensors PyTorch allocates; a model run outside PyTorch (no gradients) "
+                "allocates its own working memory, which is not counted"
+            )
         metrics = {
-            "params": count_params(model.net),
+            "params": params,
             "flops_network": net_flops,
-            "flops_per_image": net_flops * (2 if model.tta else 1),
-            "size_on_disk_bytes": weights.stat().st_size,
+            "flops_per_image": net_flops * (2 if model.tta else 1) if net_flops is not None else None,
+            "size_on_disk_bytes": size,
+            "weights_file": str(weights),
             "latency_ms": {
                 "p50": lat.quantile(0.5).item(),
                 "p95": lat.quantile(0.95).item(),
@@ -133,4 +146,55 @@ class Efficiency(Check):
                     "Batch-1 latency", "histogram", "latency_ms", bins=30, xlabel="batch-1 latency (ms)", ylabel="runs"
                 )
             ],
+            "notes": notes,
         }
+
+
+def _flops(ctx: AuditContext, shape: tuple[int, ...], notes: list[str]) -> int | None:
+    """Forward FLOPs of one image through ``model.net`` (without TTA), or None with a note saying why."""
+    if not ctx.gradients:
+        notes.append(
+            "FLOPs not counted: the model gives no gradients, so it runs outside PyTorch's operators (an ONNX "
+            "Runtime session) where torch.utils.flop_counter cannot see them"
+        )
+        return None
+    model = ctx.model
+    try:
+        flops = count_flops(model.net.float().cpu(), (1, *shape))
+    # RuntimeError includes NotImplementedError (a torch.export module refuses .eval()) and TorchScript's errors.
+    except (RuntimeError, TypeError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}"
+        notes.append(f"FLOPs not counted: torch.utils.flop_counter failed on this model ({why})")
+        return None
+    finally:
+        model.to(ctx.device)
+    if not flops:
+        notes.append(
+            "FLOPs not counted: torch.utils.flop_counter saw no matrix multiplication or convolution in the "
+            "model's forward pass (its operators run outside PyTorch)"
+        )
+        return None
+    return flops
+
+
+def _params(net: torch.nn.Module, notes: list[str]) -> int | None:
+    """The network's parameter count: its PyTorch parameters, else the ``param_count`` it states (an ONNX
+    session's initializers), else None with a note."""
+    if n := count_params(net):
+        return n
+    stated = getattr(net, "param_count", None)
+    if isinstance(stated, int) and not isinstance(stated, bool):
+        notes.append("parameters: the count the model file states (its ONNX initializers), not PyTorch parameters")
+        return stated
+    notes.append("parameters not counted: the network has no PyTorch parameters and states no param_count")
+    return None
+
+
+def _weights(ctx: AuditContext, notes: list[str]) -> tuple[Path, int | None]:
+    """The model's weights file (the source's file, or the run's model.safetensors) and its size in bytes, or None
+    with a note when it is not there."""
+    path = Path(getattr(ctx.run, "weights_file", None) or ctx.run.dir / "model.safetensors")
+    if path.is_file():
+        return path, path.stat().st_size
+    notes.append(f"size on disk not measured: there is no weights file at {path}")
+    return path, None

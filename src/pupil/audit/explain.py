@@ -5,6 +5,11 @@ The methods and the measures live in ``pupil.explain`` (with their papers); this
 explains the model's predicted class. A method is flagged when the mean Spearman correlation between its maps for
 the trained and the fully randomised model exceeds ``FLAG_SPEARMAN``; the headline is the largest insertion -
 deletion gap among the methods not flagged.
+
+Grad-CAM and Grad-CAM++ need gradients and a ``gradcam_layer`` that forward hooks can see, Integrated Gradients
+gradients; on a model without them (ONNX, TorchScript) those methods are skipped with a note and the
+perturbation methods (occlusion, LIME, KernelSHAP), which only query the model, still run. The randomisation
+check needs the model's weights as parameters, so it is skipped too on a model that gives no gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pupil.audit.common import (
     table,
     validate_settings,
 )
+from pupil.errors import PupilError
 from pupil.explain import (
     BASELINES,
     FLAG_SPEARMAN,
@@ -41,6 +47,16 @@ from pupil.explain import (
 from pupil.results import area_downscale, png_data_uri
 
 EXAMPLE_SIDE = 32  # example images and maps are stored at most 32x32 so results.json stays small
+# What each method needs beyond forward passes: AuditContext flags.
+NEEDS = {
+    "gradcam": ("gradients", "gradcam"),
+    "gradcam++": ("gradients", "gradcam"),
+    "integrated_gradients": ("gradients",),
+}
+LACKS = {
+    "gradients": "the model gives no gradients",
+    "gradcam": "the model names no Grad-CAM layer that forward hooks can see",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,10 +126,16 @@ class Explain(Check):
         x = ctx.test.images[idx].to(dev).float().div(255)
         target = pred[idx].to(dev)  # the prediction is what is explained
         opts = cfg.options(ctx.batch_size)
-        random_model = randomized_copy(model, ctx.seed) if cfg.randomize else None
+        methods, skipped, notes = _runnable(ctx, cfg.methods)
+        randomize, why = cfg.randomize, _no_randomization(ctx)
+        if randomize and why:
+            randomize = False
+            skipped.append("randomization")
+            notes.append(f"{why}: the randomisation sanity check, which re-initialises them, was skipped.")
+        random_model = randomized_copy(model, ctx.seed) if randomize else None
         per, curves = {}, {"fraction": (step_counts(cfg.steps, cfg.steps) / cfg.steps).tolist()}
         curves |= {"deletion": {}, "insertion": {}}
-        for name in cfg.methods:
+        for name in methods:
             fn = METHODS[name]
             t0 = time.perf_counter()
             maps = saliency(model, x, target, fn, **opts)
@@ -149,6 +171,7 @@ class Explain(Check):
             "baseline": cfg.baseline,
             "flag_spearman": FLAG_SPEARMAN,
             "tta": bool(model.tta),
+            "skipped": skipped,
         }
         return {
             "headline": headline(f"insertion - deletion AUC ({best})", per[best]["gap"], True, "AUC"),
@@ -167,7 +190,7 @@ class Explain(Check):
                     drawer="saliency_examples",
                 ),
             ],
-            "notes": self._notes(ctx, cfg, per, best),
+            "notes": notes + self._notes(ctx, cfg, per, best, randomize),
         }
 
     @staticmethod
@@ -201,7 +224,7 @@ class Explain(Check):
         return {"method": best, "items": items}
 
     @staticmethod
-    def _notes(ctx: AuditContext, cfg: ExplainConfig, per: dict, best: str) -> list[str]:
+    def _notes(ctx: AuditContext, cfg: ExplainConfig, per: dict, best: str, randomized: bool) -> list[str]:
         n = min(cfg.n, len(ctx.test))
         notes = [
             f"Faithfulness over a seeded random subset of {n} of {len(ctx.test)} test images (seed {ctx.seed}); "
@@ -212,7 +235,7 @@ class Explain(Check):
         ]
         if ctx.model.tta:
             notes.append("The run predicts with flip TTA; the maps and curves explain that deployed (averaged) model.")
-        if cfg.randomize:
+        if randomized:
             flagged = [m for m in per if per[m].get("flagged")]
             notes.append(
                 "Sanity check (Adebayo et al. 2018): all weights re-initialised at once; a mean Spearman correlation "
@@ -230,6 +253,42 @@ class Explain(Check):
             k = cfg.examples
             notes.append(f"Examples show {best} maps for up to {k} correct and {k} wrong predictions (seeded sample).")
         return notes
+
+
+def _runnable(ctx: AuditContext, methods: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The requested methods the model allows, those skipped, and one note per missing capability.
+
+    Raises PupilError when none is left, naming the methods to request instead."""
+    lacking = [flag for flag in LACKS if not getattr(ctx, flag)]
+    run = [m for m in methods if not set(NEEDS.get(m, ())) & set(lacking)]
+    skipped = [m for m in methods if m not in run]
+    if not run:
+        instead = [m for m in METHODS if not set(NEEDS.get(m, ())) & set(lacking)]
+        raise PupilError(
+            f"explain: {'; '.join(LACKS[f] for f in lacking)}, so none of the methods {', '.join(methods)} can run; "
+            f"request {', '.join(instead)} instead (--set explain.methods={','.join(instead)})"
+        )
+    notes, seen = [], set()
+    for flag in lacking:
+        if gone := [m for m in skipped if flag in NEEDS[m] and m not in seen]:
+            seen.update(gone)
+            notes.append(f"{LACKS[flag]}: {_names(gone)} {'was' if len(gone) == 1 else 'were'} skipped")
+    notes = [f"{n}." for n in notes[:-1]] + [f"{n}; {_names(run)} ran." for n in notes[-1:]]
+    return run, skipped, notes
+
+
+def _no_randomization(ctx: AuditContext) -> str:
+    """Why the randomisation check cannot re-initialise the model's weights, or "" when it can."""
+    if not ctx.gradients:
+        return "the model gives no gradients (its weights are not PyTorch parameters)"
+    if next(ctx.model.net.parameters(), None) is None:
+        return "the model's network has no PyTorch parameters"
+    return ""
+
+
+def _names(items: list[str]) -> str:
+    """The names joined as in a sentence: a; a and b; a, b and c."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _example_pngs(image: torch.Tensor, sal: torch.Tensor) -> tuple[str, str]:

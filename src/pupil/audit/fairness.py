@@ -6,7 +6,8 @@ Groups come from a per-sample column of the evaluation data (a CSV manifest's ex
 one, from a declared stand-in attribute computed from the images (brightness terciles), which the notes
 name as a proxy. Slice discovery always runs: k-means on the model's L2-normalised penultimate features,
 a simple member of the family of slice-discovery methods compared by Eyuboglu et al. (2022, Domino), so
-that failure modes no column names still surface.
+that failure modes no column names still surface. A model without the feature contract (ONNX, TorchScript) is
+clustered on its softmax probabilities instead, with a note.
 
 Equalised odds is defined for binary outcomes; for K classes this check reports the largest one-vs-rest
 ``fairlearn.metrics.equalized_odds_difference`` over the classes.
@@ -201,6 +202,14 @@ def penultimate_features(ctx: AuditContext, images: torch.Tensor) -> torch.Tenso
     return ctx.forward(images, lambda x: net.forward_head(net.forward_features(model.normalize(x)), pre_logits=True))
 
 
+def slice_embedding(ctx: AuditContext) -> tuple[torch.Tensor, str]:
+    """What slice discovery clusters (N, D) and its name: the penultimate features where the model keeps the
+    feature contract, else the softmax probabilities of the shared test logits (flip-averaged under TTA)."""
+    if ctx.features:
+        return penultimate_features(ctx, ctx.test.images), "penultimate"
+    return ctx.logits("test").double().softmax(1).float(), "softmax"
+
+
 def discover_slices(
     feats: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, n_slices: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -283,7 +292,12 @@ class Fairness(Check):
         classes, k = ctx.run.classes, logits.shape[1]
         conf, pred = logits.double().softmax(1).max(1)
         notes: list[str] = []
-        feats = penultimate_features(ctx, ctx.test.images)
+        feats, embedding = slice_embedding(ctx)
+        if embedding == "softmax":
+            notes.append(
+                "the model keeps no feature contract (forward_head(pre_logits=True)): slice discovery clustered its "
+                "softmax probabilities instead of its penultimate features"
+            )
         labels, dist, slices = discover_slices(feats, y, pred, cfg.slices, ctx.seed)
         groups, attribute, kind, order = self._groups(ctx, cfg, labels, notes)
         position = {g: i for i, g in enumerate(order)}
@@ -342,6 +356,7 @@ class Fairness(Check):
                 "small_groups": small,
                 "gaps": gap,
                 "slices": slices,
+                "slice_embedding": embedding,  # penultimate features, or softmax probabilities without them
             },
             "tables": _tables(per_group, gap, slices, classes),
             "figures": [

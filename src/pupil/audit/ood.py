@@ -7,6 +7,9 @@ Every score is higher for inputs that look in-distribution; the ID test images a
 
 Logit scores use the wrapper's logits (flip-averaged when the run uses TTA); feature scores use the penultimate
 features of the un-flipped image. Training features are those of a seeded subset of the run's train split.
+ODIN needs gradients and the feature scores the model's feature contract (``forward_features``,
+``forward_head(pre_logits=True)``); on a model without them (ONNX, TorchScript) those scores are skipped with a
+note and the logit scores still run.
 
 OOD sets: ``mnist-5k`` (near-OOD for Fashion-MNIST), ``digits`` (scikit-learn's 8x8 digits), ``noise`` (i.i.d.
 N(0.5, 0.5^2) pixels clipped to [0, 1]) and ``uniform`` (i.i.d. U(0, 1) pixels), both seeded, or any dataset name,
@@ -61,6 +64,11 @@ NOISE_SETS = ("noise", "uniform")
 NOISE_STD = 0.5  # "noise": i.i.d. N(0.5, 0.5^2) per pixel, clipped to [0, 1]
 HIST_SCORES = ("msp", "energy", "knn")  # histograms kept in results.json (plus the best score)
 HIST_BINS = 30
+NEEDS = {"odin": "gradients", **dict.fromkeys(FITTED, "features")}  # AuditContext flags beyond forward passes
+LACKS = {
+    "gradients": "the model gives no gradients",
+    "features": "the model keeps no feature contract (forward_features, forward_head(pre_logits=True))",
+}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's RGB -> "L"
 
 
@@ -232,11 +240,10 @@ class OOD(Check):
 
     def run(self, ctx: AuditContext, cfg: OODConfig) -> dict:
         model = ctx.model.eval()
-        scores, sets = list(dict.fromkeys(cfg.scores)), cfg.all_sets()
-        id_name = ctx.run.info["data"]["dataset"]
+        scores, skipped, notes = _runnable(ctx, list(dict.fromkeys(cfg.scores)))
+        sets, id_name = cfg.all_sets(), ctx.run.info["data"]["dataset"]
         for name in sets:  # before any loading
             _refuse_id(name, id_name)
-        notes = []
         id_images = ctx.test.images
         if (idx := _subset(len(id_images), cfg.n_id, ctx.seed)) is not None:
             id_images = id_images[idx]
@@ -258,7 +265,7 @@ class OOD(Check):
         if train is not None:
             counts["fit"] = len(train[0])
         per_score = self._score(model, images, train, ctx, cfg, scores, notes)
-        return self._summarise(per_score, sets, counts, notes)
+        return self._summarise(per_score, sets, counts, notes, skipped)
 
     def _score(self, model, images, train, ctx, cfg, scores, notes) -> dict[str, dict[str, torch.Tensor]]:
         """{score: {"id" or set name: scores (N,)}} for every score that could be computed."""
@@ -314,8 +321,9 @@ class OOD(Check):
         _, feats = forward_pass(model, train.images, ctx, cfg.batch_size, features=True, logits=False)
         return feats, train.targets
 
-    def _summarise(self, per_score, sets, counts, notes) -> dict:
+    def _summarise(self, per_score, sets, counts, notes, skipped) -> dict:
         metrics = {"sets": {}, "mean": {}, "n": {"id": counts["id"], "ood": {s: counts[s] for s in sets}}}
+        metrics["skipped"] = skipped
         if "fit" in counts:
             metrics["n"]["fit"] = counts["fit"]
         rows = []
@@ -355,6 +363,29 @@ class OOD(Check):
             ],
             "notes": notes,
         }
+
+
+def _runnable(ctx: AuditContext, scores: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The requested scores the model allows, those skipped, and one note per missing capability.
+
+    Raises PupilError when none is left, naming the scores to request instead."""
+    lacking = [flag for flag in LACKS if not getattr(ctx, flag)]
+    run = [s for s in scores if NEEDS.get(s) not in lacking]
+    skipped = [s for s in scores if s not in run]
+    if not run:
+        instead = [s for s in SCORES if NEEDS.get(s) not in lacking]
+        raise PupilError(
+            f"ood: {'; '.join(LACKS[f] for f in lacking)}, so none of the scores {', '.join(scores)} can run; "
+            f"request {', '.join(instead)} instead (--set ood.scores={','.join(instead)})"
+        )
+    notes = []
+    for flag in lacking:
+        if gone := [s for s in skipped if NEEDS[s] == flag]:
+            were = "was" if len(gone) == 1 else "were"
+            notes.append(f"{LACKS[flag]}: {', '.join(gone)} {were} skipped")
+    if notes:
+        notes[-1] += f"; {', '.join(run)} ran"
+    return run, skipped, notes
 
 
 def histograms(values: dict[str, torch.Tensor], bins: int = HIST_BINS) -> dict:

@@ -10,6 +10,10 @@ Selective prediction follows Geifman & El-Yaniv (2017) and Geifman et al. (2019)
 curve accepts the most confident cases first; AURC is its mean over all coverage levels and E-AURC
 subtracts the AURC of a perfect ranking. Deferral picks the lowest confidence threshold whose accepted
 cases reach a target accuracy, fitted on the validation split and then applied to the test split.
+
+MC dropout samples the classifier's ``forward_head`` over ``forward_features``; a model without that feature
+contract (ONNX, TorchScript) has it skipped with a note, while the other sources, which need only forward
+passes, still run.
 """
 
 from __future__ import annotations
@@ -152,9 +156,13 @@ def summarize(probs: torch.Tensor, expected_h: torch.Tensor, y: torch.Tensor) ->
 
 
 def has_dropout(net: nn.Module) -> bool:
-    """True where the classifier has dropout to sample: a dropout layer with p > 0 or a ``drop_rate`` > 0."""
-    layers = any(isinstance(m, DROPOUT_LAYERS) and m.p > 0 for m in net.modules())
-    return layers or float(getattr(net, "drop_rate", 0) or 0) > 0
+    """True where the classifier has dropout to sample: a dropout layer with p > 0 or a ``drop_rate`` > 0.
+
+    The layers of an opaque network (an ONNX session, a TorchScript module) are not ``nn.Dropout`` modules, so it
+    counts as having none."""
+    layers = isinstance(net, nn.Module) and any(isinstance(m, DROPOUT_LAYERS) and m.p > 0 for m in net.modules())
+    rate = getattr(net, "drop_rate", 0)
+    return layers or (isinstance(rate, int | float) and rate > 0)
 
 
 @contextmanager
@@ -343,6 +351,7 @@ class Uncertainty(Check):
         sources = self._sources(ctx, cfg, notes)
         y = {s: ds.targets for s, (ds, _) in splits.items()}
         metrics: dict = {"target_accuracy": cfg.target_accuracy, "fit_split": fit, "n": len(y["test"]), "sources": {}}
+        metrics["skipped"] = [s for s in cfg.sources if s not in sources]
         rows, curves = [], {"risk_coverage": {}, "entropy_histogram": {}}
         for name, compute in sources.items():
             dist = {s: compute(s, ds, idx) for s, (ds, idx) in splits.items()}
@@ -422,7 +431,12 @@ class Uncertainty(Check):
 
         out = {"softmax": softmax}
         if "mc_dropout" in wanted:
-            if has_dropout(model.net):
+            if not ctx.features:
+                notes.append(
+                    "mc_dropout skipped: the model keeps no feature contract (forward_features, forward_head), "
+                    "through which MC dropout samples the classifier (the other sources need forward passes only)"
+                )
+            elif has_dropout(model.net):
 
                 def mc(split: str, ds: ImageDataset, idx: torch.Tensor):
                     torch.manual_seed(ctx.seed)
