@@ -340,3 +340,16 @@ def test_onnx_refusals(tmp_path, folder, monkeypatch):
     with pytest.raises(PupilError, match=r"needs onnxruntime: pip install 'pupil\[onnx\]'"):
         audit(tmp_path, f"onnx:{path}", str(folder), preprocess={"mean": "0.5", "std": "0.2"})
     assert not (tmp_path / "audit").exists()
+
+
+def test_a_torch_export_program_is_audited(tmp_path, folder):
+    net = tiny_net().eval()
+    path = tmp_path / "m.pt2"
+    torch.export.save(
+        torch.export.export(net, (torch.rand(2, 3, 24, 24),), dynamic_shapes=({0: torch.export.Dim("n")},)), str(path)
+    )
+    pre = {"mean": "0.5", "std": "0.25", "img_size": 24}
+    a = audit(tmp_path / "a", f"export:{path}", str(folder), preprocess=pre)
+    b = audit(tmp_path / "b", net, str(folder), preprocess=pre)
+    assert a["checks"]["accuracy"]["summary"]["top1"] == b["checks"]["accuracy"]["summary"]["top1"]
+    assert a["run"]["source"]["kind"] == "export" and a["run"]["source"]["gradients"]

@@ -23,6 +23,7 @@ Loading never unpickles: state dicts are read with ``weights_only=True`` or from
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib
@@ -219,6 +220,22 @@ def _onnx_params(path: Path) -> int | None:
     return int(sum(numpy_helper.to_array(t).size for t in model.graph.initializer))
 
 
+class Exported(nn.Module):
+    """A ``torch.export`` program's module, whose ``train()`` and ``eval()`` raise: it is already in eval mode,
+    so the audit's ``model.eval()`` only records the mode here."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> Exported:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
 class Restricted(nn.Module):
     """The model's outputs for the data's classes only: logits ``net(x)[:, index]``. Keeps the feature contract
     (and the Grad-CAM layer) of a ``net`` that has it; ``full`` gives all of the model's logits."""
@@ -328,7 +345,7 @@ def open_source(
             raise PupilError(f"{path} is not a TorchScript archive: {str(e).splitlines()[0][:200]}") from None
         return Opened("torchscript", path.stem, net, Preprocess(source="none (TorchScript)"), weights_file=path)
     try:
-        net = torch.export.load(str(path)).module()
+        net = Exported(torch.export.load(str(path)).module())
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise PupilError(f"{path} is not a torch.export archive (.pt2): {str(e).splitlines()[0][:200]}") from None
     return Opened("export", path.stem, net, Preprocess(source="none (torch.export)"), weights_file=path)
@@ -870,6 +887,9 @@ def open_audit(
     channels = test.shape[0]
     mean, std = pre.pixel_stats(channels)
     k = _probe(PixelModel(opened.net, mean, std).eval(), test, what)
+    if not isinstance(getattr(opened.net, "num_classes", None), int):
+        with contextlib.suppress(AttributeError, RuntimeError):  # a TorchScript module takes no new attributes
+            opened.net.num_classes = k  # PixelModel.num_classes reads it
     model_classes = (read_classes(classes) if isinstance(classes, str | Path) else classes) or opened.classes
     if model_classes is not None and len(model_classes) != k:
         raise PupilError(f"{len(model_classes)} class names for a model with {k} outputs")
