@@ -353,3 +353,14 @@ def test_a_torch_export_program_is_audited(tmp_path, folder):
     b = audit(tmp_path / "b", net, str(folder), preprocess=pre)
     assert a["checks"]["accuracy"]["summary"]["top1"] == b["checks"]["accuracy"]["summary"]["top1"]
     assert a["run"]["source"]["kind"] == "export" and a["run"]["source"]["gradients"]
+
+
+def test_shipped_imagenet_weights_keep_their_own_normalisation(tmp_path):
+    """timm:efficientnet_lite0 --pretrained loads the weights that ship with a package; they expect (x - 0.5) / 0.5,
+    not timm's ImageNet mean and std, and the audit must use theirs."""
+    from pupil.sources import open_source
+
+    opened = open_source("timm:efficientnet_lite0", pretrained=True)
+    assert opened.preprocess.mean == [0.5, 0.5, 0.5] and opened.preprocess.std == [0.5, 0.5, 0.5]
+    assert opened.preprocess.crop == 224 and opened.preprocess.resize == 256 and len(opened.classes) == 1000
+    assert opened.wnids[281] == "n02123045" and "tabby" in opened.classes[281]

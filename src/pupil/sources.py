@@ -411,9 +411,10 @@ def _open_timm(name: str, weights: str | Path | None, pretrained: bool) -> Opene
     if not timm.is_model(name):
         raise PupilError(f"timm has no model {name!r} (timm.list_models() lists them)")
     state = read_state(weights) if weights is not None else None
+    shipped = None
     if pretrained and f"timm:{name}" in SHIPPED:  # weights that ship with a package: no network needed
-        wrapped, _, _ = PRETRAINED[SHIPPED[f"timm:{name}"]]()
-        net = wrapped.net
+        shipped, _, _ = PRETRAINED[SHIPPED[f"timm:{name}"]]()
+        net = shipped.net
     else:
         head = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier")
         k = _head_classes(state, head) if state is not None else None
@@ -442,6 +443,9 @@ def _open_timm(name: str, weights: str | Path | None, pretrained: bool) -> Opene
         channels=c,
         source="timm pretrained_cfg",
     )
+    if shipped is not None:  # these weights were trained with their own normalisation, not timm's default
+        pre.mean, pre.std = shipped.mean.flatten().tolist(), shipped.std.flatten().tolist()
+        pre.source = f"timm pretrained_cfg, with the mean and std of the shipped weights {SHIPPED[f'timm:{name}']}"
     classes, wnids = _imagenet_names(net.num_classes)
     opened = Opened("timm", name, net, pre, classes, wnids, Path(weights) if weights else None, features=True)
     opened.gradcam = True
