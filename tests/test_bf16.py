@@ -185,9 +185,10 @@ def test_pgd_under_bf16_keeps_its_bounds_and_succeeds_as_often_as_fp32(runs, tes
     assert flipped16 == pytest.approx(flipped32, abs=0.1)
 
 
-def test_eval_and_audit_use_the_precision_the_run_was_configured_with(runs):
+def test_the_audit_computes_in_fp32_unless_asked_whatever_the_run_trained_in(runs):
     from pupil.audit.common import make_context
 
     fp32, bf16, _ = runs
     assert make_context(fp32.dir, "cpu", "quick", 0).dtype is None
-    assert make_context(bf16.dir, "cpu", "quick", 0).dtype is BF16
+    assert make_context(bf16.dir, "cpu", "quick", 0).dtype is None  # the model as given
+    assert make_context(fp32.dir, "cpu", "quick", 0, precision="bf16").dtype is BF16
