@@ -364,3 +364,25 @@ def test_shipped_imagenet_weights_keep_their_own_normalisation(tmp_path):
     assert opened.preprocess.mean == [0.5, 0.5, 0.5] and opened.preprocess.std == [0.5, 0.5, 0.5]
     assert opened.preprocess.crop == 224 and opened.preprocess.resize == 256 and len(opened.classes) == 1000
     assert opened.wnids[281] == "n02123045" and "tabby" in opened.classes[281]
+
+
+def test_classes_file_and_default_output_folder(tmp_path, folder, monkeypatch):
+    """--classes names the model's outputs; with --class-map auto the data's folders are matched to them by name,
+    in whatever order the model has them. Without --out the audit goes to audits/<kind>-<name>."""
+    names = tmp_path / "classes.txt"
+    names.write_text("green\nred\nblue\n")
+    monkeypatch.chdir(tmp_path)
+    r = pupil.audit(
+        "py:tests.test_sources:tiny_net",
+        str(folder),
+        checks="accuracy",
+        classes=names,
+        class_map="auto",
+        preprocess={"mean": "0.5", "std": "0.25", "img_size": 24},
+        device="cpu",
+    )
+    assert r["run"]["source"]["class_index"] == [2, 0, 1]  # blue, green, red -> outputs 2, 0, 1
+    assert (tmp_path / "audits" / "py-tests.test_sources_tiny_net" / "results.json").is_file()
+    names.write_text("green\nred\n")
+    with pytest.raises(PupilError, match="2 class names for a model with 3 outputs"):
+        pupil.audit("py:tests.test_sources:tiny_net", str(folder), classes=names, preprocess={"input_range": "0-1"})

@@ -93,8 +93,12 @@ def audit(
     from pupil.sources import open_audit, parse_source
 
     if out is None:
-        name = type(model).__name__ if isinstance(model, nn.Module) else "-".join(parse_source(str(model)))
-        out = AUDITS / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem if "/" in name else name).strip("._-")
+        if isinstance(model, nn.Module):
+            name = type(model).__name__
+        else:
+            kind, target = parse_source(str(model))
+            name = f"{kind}-{Path(target).stem if kind in ('onnx', 'torchscript', 'export') else target}"
+        out = AUDITS / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "model")
     out = Path(out)
     run = open_audit(
         model,
