@@ -45,6 +45,7 @@ def audit(
     precision: str = "fp32",
     thresholds: str | Path | None = None,
     on_bad_image: str = "fail",
+    max_memory: int | str | None = None,
     on_check: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` on ``data``; write results.json, report.html and model_card.md; return the results.
@@ -56,6 +57,8 @@ def audit(
     then points at it, like ``--data-dir``). ``preprocess``: ``img_size``, ``resize``, ``crop``,
     ``interpolation``, ``mean``, ``std``, ``input_range`` where the model does not say them itself. ``out``:
     the folder for the results (a run directory's own by default, else ``audits/<model name>``).
+    ``max_memory``: bytes (or ``"4GB"``) a split may take decoded; larger folders and manifests are streamed
+    from their files (default: a quarter of this machine's memory).
     """
     from pupil.audit import run_audit
     from pupil.report.render import load_thresholds, render_run
@@ -86,6 +89,7 @@ def audit(
                 data_dir=None if data is None else str(data),
                 on_check=on_check,
                 precision=precision,
+                max_memory=max_memory,
             )
             render_run(run_dir, thresholds)
         return results
@@ -113,6 +117,7 @@ def audit(
         seed=seed,
         device=resolve_device(device),
         on_bad_image=on_bad_image,
+        max_memory=max_memory,
     )
     created = prepare_run_dir(out, overwrite=False)
     try:

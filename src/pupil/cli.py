@@ -369,6 +369,10 @@ def audit_cmd(
         float, typer.Option(help="Validation images held out of the data (count or fraction) for fitted thresholds.")
     ] = 0.1,
     on_bad_image: Annotated[str, typer.Option(help="fail or skip (and count) images that cannot be read.")] = "fail",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="Decoded size a split may take in memory (e.g. 4GB); larger data streams from its files."),
+    ] = None,
     ood: Annotated[
         str | None, typer.Option(help="Extra OOD sets (ood check): dataset names, folders or CSVs, comma-separated.")
     ] = None,
@@ -438,6 +442,7 @@ def audit_cmd(
             precision=precision,
             thresholds=thresholds,
             on_bad_image=on_bad_image,
+            max_memory=max_memory,
             on_check=on_check,
         )
     _print_card(results)

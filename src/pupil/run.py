@@ -154,6 +154,8 @@ class Run:
     splits: Callable[[str], ImageDataset] | None = field(default=None, repr=False)
     """For a model pupil did not train (``pupil.sources``): its data, split and decoded to the model's input."""
     weights_file: Path | None = None
+    max_memory: int | None = None
+    """Bytes a split may take decoded; a larger folder or manifest is streamed (``pupil.data.images.LazyImages``)."""
 
     @property
     def classes(self) -> list[str]:
@@ -196,6 +198,7 @@ class Run:
             img_size=cfg["data"].get("img_size"),
             on_bad_image=cfg["data"].get("on_bad_image", "fail"),
             min_per_class=cfg["data"].get("min_per_class", 1),
+            max_memory=self.max_memory,
         )
         recorded, found = d.get("fingerprint"), ds.meta.get("fingerprint")
         ds.meta["matches_training"] = None if recorded is None or found is None else recorded == found

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from pupil.data import ImageDataset
-from pupil.data.images import Fit
+from pupil.data.images import Fit, memory_budget
 from pupil.errors import PupilError
 from pupil.extras import require
 from pupil.models.contract import PixelModel
@@ -821,7 +821,13 @@ def from_torch_dataset(ds: Any, channels: int | None = None) -> ImageDataset:
 
 
 def audit_splits(
-    data: Any, fit: Fit | None, channels: int | None, val_size: float, seed: int, on_bad_image: str = "fail"
+    data: Any,
+    fit: Fit | None,
+    channels: int | None,
+    val_size: float,
+    seed: int,
+    on_bad_image: str = "fail",
+    max_memory: int | None = None,
 ) -> tuple[str, Callable[[str], ImageDataset]]:
     """The data's name and a function split -> ImageDataset (``test``, ``val`` and, where there is one,
     ``train``), each decoded to the model's input. Data with its own test split keeps it and carves validation
@@ -837,7 +843,7 @@ def audit_splits(
         name, own = whole.meta.get("name", "a dataset"), False
     else:
         name, own = str(data), has_test_split(str(data))
-        opts = {"fit": fit, "channels": channels, "on_bad_image": on_bad_image}
+        opts = {"fit": fit, "channels": channels, "on_bad_image": on_bad_image, "max_memory": max_memory}
         whole = None if own else load(name, "all", seed=seed, **opts)
     cache: dict[str, ImageDataset] = {}
 
@@ -875,6 +881,7 @@ def open_audit(
     seed: int = 0,
     device: torch.device | None = None,
     on_bad_image: str = "fail",
+    max_memory: int | str | None = None,
 ) -> Run:
     """Open a model source and its data for the audit: the ``Run`` it audits (``run.split`` gives the data)."""
     flags = Preprocess.from_flags(preprocess)
@@ -886,7 +893,8 @@ def open_audit(
     what = f"{opened.kind}:{opened.name}" if opened.kind != "module" else f"the module {opened.name}"
     known = opened.preprocess.mean is not None
     pre = (flags.over(opened.preprocess) if known else _keep_shape(flags, opened.preprocess)).complete(what)
-    name, split = audit_splits(data, pre.fit(), pre.channels, val_size, seed, on_bad_image)
+    budget = memory_budget(max_memory)
+    name, split = audit_splits(data, pre.fit(), pre.channels, val_size, seed, on_bad_image, budget)
     test = split("test")
     channels = test.shape[0]
     mean, std = pre.pixel_stats(channels)
@@ -900,7 +908,9 @@ def open_audit(
     index, how = map_classes(test.classes, model_classes, opened.wnids, k, class_map)
     names = test.classes if index is not None or model_classes is None else model_classes
     pre.channels = channels
-    return source_run(opened, pre, out, name, names, index, how, split, channels, val_size, seed)
+    run = source_run(opened, pre, out, name, names, index, how, split, channels, val_size, seed)
+    run.max_memory = budget
+    return run
 
 
 def _keep_shape(flags: Preprocess, found: Preprocess) -> Preprocess:

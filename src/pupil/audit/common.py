@@ -26,6 +26,7 @@ import torch
 
 from pupil.config import BAD, bad_item, shown, type_noun, typed_value
 from pupil.data import ImageDataset
+from pupil.data.images import memory_budget
 from pupil.errors import PupilError
 from pupil.extras import install_hint, missing, require
 from pupil.io import write_json
@@ -262,6 +263,7 @@ def make_context(
     seed: int,
     data_dir: str | None = None,
     precision: str = "fp32",
+    max_memory: int | str | None = None,
 ) -> AuditContext:
     """The audit's context for a run directory, or for a ``Run`` that ``pupil.sources`` opened (a model pupil
     did not train). The audit computes in ``precision``: fp32, the model as given, unless asked otherwise."""
@@ -270,6 +272,7 @@ def make_context(
     dev = resolve_device(device)
     if not isinstance(run, Run):
         run = load_run(run, device=dev)
+    run.max_memory = memory_budget(max_memory) if run.max_memory is None else run.max_memory
     run.model.to(dev)
     info, cfg = run.info, run.info["config"]
     if info["runtime"]["channels_last"]:  # the weights too: channels-last inputs alone gain little
@@ -303,6 +306,7 @@ def run_audit(
     data_dir: str | None = None,
     on_check: Callable[[str, str], None] | None = None,
     precision: str = "fp32",
+    max_memory: int | str | None = None,
 ) -> dict[str, Any]:
     """Run the named checks (all registered ones by default) and write ``<run>/results.json``.
 
@@ -331,7 +335,7 @@ def run_audit(
             skipped.append(f"skipped the {n} check: it needs {install_hint(gone, check.extra)}")
     checks_run = {n: CHECKS.get(n)() for n in names}
     configs = {n: c.config(budget, settings.get(n)) for n, c in checks_run.items()}  # bad settings fail here too
-    ctx = make_context(run_dir, device, budget, seed, data_dir, precision)
+    ctx = make_context(run_dir, device, budget, seed, data_dir, precision, max_memory)
     run_dir = ctx.run.dir
     audit = {
         "split": "test",
@@ -349,6 +353,8 @@ def run_audit(
             "data_dir": data_dir,
             "conversions": {k: v for k, v in ctx.test.meta.get("conversions", {}).items() if v},
             "bad_images": len(ctx.test.meta.get("bad_images", [])),
+            "streamed": ctx.test.streamed,
+            "max_memory_bytes": ctx.run.max_memory,
         },
     }
     path = Path(run_dir) / "results.json"

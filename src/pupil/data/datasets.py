@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pupil.data.images import CONVERSIONS, Fit, convert_channels, fit_tensor, read_images
+from pupil.data.images import CONVERSIONS, Fit, LazyImages, convert_channels, fit_tensor, read_images
 from pupil.errors import PupilError
 from pupil.registry import Registry
 
@@ -55,7 +55,8 @@ class ImageDataset(torch.utils.data.Dataset):
     splits); ``meta`` holds dataset-level facts (name, source, what was converted on load).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | LazyImages
+    """Decoded, or ``LazyImages`` (still in their files) when the decoded set would exceed the memory budget."""
     targets: torch.Tensor
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +84,13 @@ class ImageDataset(torch.utils.data.Dataset):
         index = torch.as_tensor(index, dtype=torch.long)
         cols = {k: [v[i] for i in index.tolist()] for k, v in self.columns.items()}
         meta = dict(self.meta, split=split or self.meta.get("split"))
-        return ImageDataset(self.images[index], self.targets[index], list(self.classes), meta, cols)
+        images = self.images.subset(index) if self.streamed else self.images[index]
+        return ImageDataset(images, self.targets[index], list(self.classes), meta, cols)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay in their files, decoded on demand."""
+        return isinstance(self.images, LazyImages)
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.targets, minlength=len(self.classes)).tolist()
@@ -94,7 +101,7 @@ class ImageDataset(torch.utils.data.Dataset):
         c = self.images.shape[1]
         s = torch.zeros(c, dtype=torch.float64)
         s2 = torch.zeros(c, dtype=torch.float64)
-        for chunk in self.images.split(8192):
+        for chunk in self.images.split(512 if self.streamed else 8192):
             x = chunk.double().div_(255).transpose(0, 1).reshape(c, -1)  # (C, N*H*W)
             s += x.sum(1)
             s2 += (x * x).sum(1)
@@ -113,6 +120,7 @@ def load(
     seed: int = 0,
     fit: Fit | None = None,
     channels: int | None = None,
+    max_memory: int | None = None,
     **kwargs: Any,
 ) -> ImageDataset:
     """Load a dataset by registered name, image folder path or CSV manifest path.
@@ -123,7 +131,8 @@ def load(
 
     ``fit`` resizes the shorter side and centre-crops (the evaluation preprocessing of models trained
     elsewhere); ``channels`` (1 or 3) converts grey to RGB or RGB to grey. Both are counted in
-    ``meta["conversions"]``.
+    ``meta["conversions"]``. A folder or manifest whose decoded images would take more than ``max_memory``
+    bytes (``pupil.data.images.memory_budget``) is streamed: its images stay in their files (``LazyImages``).
     """
     if split not in SPLITS:
         raise PupilError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -139,7 +148,7 @@ def load(
         ds = loader(base_split, data_dir=data_dir, seed=seed, **made, **kwargs)
         ds.meta.setdefault("name", name)
     elif path.suffix.lower() == ".csv" or path.is_dir():
-        files = {"seed": seed, "fit": fit, "mode": CHANNEL_MODES.get(channels)}
+        files = {"seed": seed, "fit": fit, "mode": CHANNEL_MODES.get(channels), "max_memory": max_memory}
         ds = load_manifest(path, split, **files, **kwargs) if path.suffix.lower() == ".csv" else None
         if ds is None:
             ds = load_folder(path, split, **files, **kwargs)
@@ -319,6 +328,7 @@ def load_folder(
     min_per_class: int = MIN_PER_CLASS,
     fit: Fit | None = None,
     mode: str | None = None,
+    max_memory: int | None = None,
     **_: Any,
 ) -> ImageDataset:
     """``root/<class>/*.png``; or ``root/train/<class>`` and ``root/test/<class>`` when those exist.
@@ -346,7 +356,9 @@ def load_folder(
     meta["fingerprint"] = fingerprint(pool, root)
     meta["ignored_files"] = sum(len(listing[b][1]) for b in bases)
     min_count = 1 if has_splits and split == "test" else min_per_class
-    ds = _decoded_dataset(paths, labels, classes, {}, img_size, on_bad_image, min_count, meta, fit=fit, mode=mode)
+    ds = _decoded_dataset(
+        paths, labels, classes, {}, img_size, on_bad_image, min_count, meta, fit=fit, mode=mode, max_memory=max_memory
+    )
     if not has_splits and split != "all":
         tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)
@@ -393,12 +405,13 @@ def _decoded_dataset(
     *,
     fit: Fit | None = None,
     mode: str | None = None,
+    max_memory: int | None = None,
 ) -> ImageDataset:
     """Decode ``paths`` (to ``mode`` and ``img_size`` or ``fit`` when given); bad files are refused or left out
     (``on_bad_image``) and listed in ``meta``; a class left with fewer than ``min_per_class`` images is refused
     by name."""
     hint = " (--on-bad-image skip leaves them out)"
-    dec = read_images(paths, img_size, mode, on_bad=on_bad_image, hint=hint, fit=fit)
+    dec = read_images(paths, img_size, mode, on_bad=on_bad_image, hint=hint, fit=fit, max_bytes=max_memory)
     y = torch.tensor([labels[i] for i in dec.kept])
     cols = {k: [v[i] for i in dec.kept] for k, v in columns.items()} | {"path": [str(paths[i]) for i in dec.kept]}
     counts = torch.bincount(y, minlength=len(classes)).tolist()
@@ -420,6 +433,7 @@ def load_manifest(
     min_per_class: int = MIN_PER_CLASS,
     fit: Fit | None = None,
     mode: str | None = None,
+    max_memory: int | None = None,
     **_: Any,
 ) -> ImageDataset:
     """A CSV with ``path,label`` and any extra columns (kept per sample in ``columns``).
@@ -480,7 +494,19 @@ def load_manifest(
     labels = [index[r["label"]] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("path", "label")}
     min_count = min_per_class if "split" not in rows[0] or split in ("train", "all") else 1
-    ds = _decoded_dataset(paths, labels, classes, columns, img_size, on_bad_image, min_count, meta, fit=fit, mode=mode)
+    ds = _decoded_dataset(
+        paths,
+        labels,
+        classes,
+        columns,
+        img_size,
+        on_bad_image,
+        min_count,
+        meta,
+        fit=fit,
+        mode=mode,
+        max_memory=max_memory,
+    )
     if "split" not in rows[0] and split != "all":
         tr, te = stratified_split(ds.targets, 0.2, 12345)
         ds = ds.subset(te if split == "test" else tr, split)

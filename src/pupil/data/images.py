@@ -25,6 +25,7 @@ one error; with ``on_bad="skip"`` they are left out and returned, so the caller 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -126,10 +127,15 @@ def read_images(
     on_bad: str = "fail",
     hint: str = "",
     fit: Fit | None = None,
+    max_bytes: int | None = None,
 ) -> Decoded:
     """Decode image files into one uint8 tensor, converting mixed modes and sizes to the majority (or to
     ``mode`` and ``img_size``, or resized and cropped by ``fit``). Raises PupilError naming every bad file
     (followed by ``hint``) unless ``on_bad`` is ``skip``.
+
+    When the decoded images would take more than ``max_bytes``, they are not decoded now: ``images`` is a
+    ``LazyImages`` over the files, and the conversions are counted from the headers. Under ``skip`` every file
+    is decoded once (in worker processes, nothing kept) so that a file that fails mid-stream is left out now.
     """
     if on_bad not in ON_BAD:
         raise PupilError(f"--on-bad-image must be one of {', '.join(ON_BAD)}, not {on_bad!r}")
@@ -145,11 +151,23 @@ def read_images(
         raise_bad(bad, len(paths), hint)
     if not heads:
         raise PupilError(f"none of the {len(paths)} image files could be read: {bad[0].path}: {bad[0].reason}")
-    mode = mode or Counter("L" if m in GREY_MODES else "RGB" for _, m, _ in heads).most_common(1)[0][0]
-    size = (img_size, img_size) if img_size else Counter(s for _, _, s in heads).most_common(1)[0][0]
+    mode = mode or Counter("L" if m in GREY_MODES else "RGB" for _, m, *_ in heads).most_common(1)[0][0]
+    size = (img_size, img_size) if img_size else Counter(s for _, _, s, _ in heads).most_common(1)[0][0]
+    c, (w, h) = (1 if mode == "L" else 3), ((fit.crop, fit.crop) if fit else size)
+    if max_bytes is not None and len(heads) * c * h * w > max_bytes:
+        if c * h * w * 1 > max_bytes:
+            raise PupilError(f"--max-memory {max_bytes:,} bytes is less than one {c}x{h}x{w} image")
+        if on_bad == "skip":
+            heads, late = _verify(paths, heads, mode, size, fit)
+            bad += late
+            if not heads:
+                raise PupilError(f"none of the {len(paths)} image files could be read: {bad[0].path}: {bad[0].reason}")
+        kept = [i for i, *_ in heads]
+        lazy = LazyImages([str(paths[i]) for i in kept], mode, size, fit)
+        return Decoded(lazy, _header_conversions(heads, mode, size, fit), bad, kept)
     conv = dict.fromkeys(CONVERSIONS, 0)
     arrays, kept = [], []
-    for i, _, _ in heads:
+    for i, *_ in heads:
         try:
             arrays.append(_decode(Path(paths[i]), mode, size, conv, fit))
             kept.append(i)
@@ -193,13 +211,43 @@ def _open(path: Path):
         raise _Bad(f"unreadable ({e})") from None
 
 
-def _probe(path: Path) -> tuple[str, tuple[int, int]]:
-    """The mode and (width, height) as the header states them, after any EXIF rotation."""
+def _probe(path: Path) -> tuple[str, tuple[int, int], Head]:
+    """The mode and (width, height) as the header states them, after any EXIF rotation, and what else the header
+    says that decoding will change."""
     with _open(path) as im:
         w, h = im.size
-        if _exif_orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
+        orientation = _exif_orientation(im)
+        if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
             w, h = h, w
-        return im.mode, (w, h)
+        return im.mode, (w, h), Head(orientation != 1, im.mode == "P" and "transparency" in im.info)
+
+
+@dataclass(frozen=True)
+class Head:
+    rotated: bool
+    palette_alpha: bool
+
+
+def _header_conversions(heads: list, mode: str, size: tuple[int, int], fit: Fit | None) -> dict[str, int]:
+    """The conversions ``_decode`` counts, from the headers alone (for a streamed set, whose images are decoded
+    later and in worker processes): the same rules, in the same order."""
+    conv = dict.fromkeys(CONVERSIONS, 0)
+    for _, m, (w, h), head in heads:
+        conv["exif_rotated"] += head.rotated
+        if m in SIXTEEN_BIT:
+            conv["rescaled_16bit"] += 1
+        elif m in ("I", "F"):
+            conv["rescaled_32bit" if m == "I" else "rescaled_float"] += 1
+        m = "L" if m in (*SIXTEEN_BIT, "I", "F") else m
+        if m in ALPHA_MODES or head.palette_alpha:
+            conv["alpha_dropped"] += 1
+            m = "RGBA" if m == "P" else m
+        conv["converted_mode"] += m != mode
+        if fit:
+            fit.count(w, h, conv)
+        else:
+            conv["resized"] += (w, h) != size
+    return conv
 
 
 def _exif_orientation(im) -> int:
@@ -314,3 +362,153 @@ def _to_8bit(im, conv: dict[str, int]):
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
     conv[kind] += 1
     return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8), "L")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming: images decoded on demand when the decoded set would not fit the memory budget
+
+
+def memory_budget(given: int | float | str | None = None) -> int:
+    """Bytes a dataset may take decoded: ``given`` (bytes, or a string such as ``4GB``, ``512MB``) or a quarter
+    of this machine's memory."""
+    if given is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not POSIX
+            total = 8 << 30
+        return total // 4
+    if isinstance(given, str):
+        text = given.strip().upper().removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+        try:
+            value = float(text[:-1] if scale > 1 else text) * scale
+        except ValueError:
+            raise PupilError(f"--max-memory must be a size such as 4GB or 512MB, not {given!r}") from None
+    else:
+        value = float(given)
+    if not np.isfinite(value) or value <= 0:
+        raise PupilError(f"--max-memory must be a positive size, not {given!r}")
+    return int(value)
+
+
+class LazyImages:
+    """uint8 images ``(N, C, H, W)`` that stay in their files: ``ImageDataset.images`` when the decoded set would
+    exceed the memory budget. It answers what the code asks of an image tensor: ``len``, ``shape``, ``dtype``,
+    indexing (an int, a slice, a list or tensor of indices: those images are decoded, exactly as ``read_images``
+    decodes them) and ``split(n)`` (chunks in order, decoded ahead in DataLoader worker processes).
+
+    A file that fails to decode here (it passed the header check) raises one line naming it: with
+    ``--on-bad-image skip`` the loader decoded every file once beforehand and left such files out.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, paths: list[str], mode: str, size: tuple[int, int], fit: Fit | None, workers: int | None = None):
+        self.paths, self.mode, self.size, self.fit = list(paths), mode, size, fit
+        c = 1 if mode == "L" else 3
+        h, w = (fit.crop, fit.crop) if fit else (size[1], size[0])
+        self.item_shape = (c, h, w)
+        self.workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if workers is None else workers
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), *self.item_shape))
+
+    def size_of(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def decode(self, i: int) -> torch.Tensor:
+        try:
+            a = _decode(Path(self.paths[i]), self.mode, self.size, dict.fromkeys(CONVERSIONS, 0), self.fit)
+        except _Bad as e:
+            raise PupilError(
+                f"cannot use image {self.paths[i]}: {e} (found while streaming; --on-bad-image skip checks every "
+                "file first and leaves such files out)"
+            ) from None
+        return torch.from_numpy(np.array(a, copy=True, order="C"))  # np.asarray of a PIL image is read-only
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int | np.integer) or (isinstance(index, torch.Tensor) and index.ndim == 0):
+            return self.decode(int(index))
+        picks = self._indices(index)
+        if not picks:
+            return torch.empty((0, *self.item_shape), dtype=torch.uint8)
+        return torch.stack([self.decode(i) for i in picks])
+
+    def _indices(self, index) -> list[int]:
+        n = len(self.paths)
+        if isinstance(index, slice):
+            return list(range(n))[index]
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            return index.nonzero().flatten().tolist()
+        picks = index.tolist() if isinstance(index, torch.Tensor | np.ndarray) else list(index)
+        return [i + n if i < 0 else i for i in picks]
+
+    def subset(self, index) -> LazyImages:
+        """The chosen images, still in their files."""
+        return LazyImages([self.paths[i] for i in self._indices(index)], self.mode, self.size, self.fit, self.workers)
+
+    def split(self, n: int):
+        """Chunks of ``n`` images in order, decoded ahead by worker processes."""
+        if not self.paths:
+            return iter([torch.empty((0, *self.item_shape), dtype=torch.uint8)])
+        loader = torch.utils.data.DataLoader(
+            _Files(self),
+            batch_size=n,
+            num_workers=self.workers,
+            collate_fn=torch.stack,
+            prefetch_factor=2 if self.workers else None,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def __iter__(self):
+        for chunk in self.split(256):
+            yield from chunk
+
+
+class _Files(torch.utils.data.Dataset):
+    """The files of a LazyImages, one decoded image per item (what a DataLoader worker runs)."""
+
+    def __init__(self, images: LazyImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images.decode(i)
+
+
+def _verify(paths: list, heads: list, mode: str, size: tuple[int, int], fit: Fit | None) -> tuple[list, list[BadImage]]:
+    """Decode every file once in worker processes, keeping nothing: the heads of those that decode, and the
+    others as BadImages (a truncated JPEG passes the header check and fails only here)."""
+    lazy = LazyImages([str(paths[i]) for i, *_ in heads], mode, size, fit)
+    loader = torch.utils.data.DataLoader(
+        _Check(lazy), batch_size=64, num_workers=lazy.workers, collate_fn=lambda items: items
+    )
+    reasons = [r for batch in loader for r in batch]
+    bad = [BadImage(lazy.paths[j], r) for j, r in enumerate(reasons) if r]
+    return [hd for hd, r in zip(heads, reasons, strict=True) if not r], bad
+
+
+class _Check(_Files):
+    def __getitem__(self, i: int) -> str:
+        try:
+            _decode(
+                Path(self.images.paths[i]),
+                self.images.mode,
+                self.images.size,
+                dict.fromkeys(CONVERSIONS, 0),
+                self.images.fit,
+            )
+        except _Bad as e:
+            return str(e)
+        return ""
