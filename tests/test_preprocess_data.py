@@ -11,7 +11,7 @@ from pupil.data import load
 from pupil.data.images import CONVERSIONS, Fit, convert_channels, fit_tensor, read_images
 from pupil.errors import PupilError
 
-SIZES = [(301, 217), (500, 375), (64, 200), (217, 301), (90, 90)]  # (width, height)
+SIZES = [(301, 217), (500, 375), (70, 200), (217, 301), (90, 90)]  # (width, height); 70 < 80: upsampled
 
 
 def _reference(im: Image.Image, fit: Fit) -> torch.Tensor:
@@ -144,3 +144,17 @@ def test_fit_with_img_size_or_bad_channels_is_refused(tmp_path):
         load("digits", "test", img_size=16, fit=Fit(16, 16))
     with pytest.raises(PupilError, match="channels must be 1"):
         load("digits", "test", channels=2)
+
+
+def test_files_smaller_than_the_crop_are_refused_or_skipped(tmp_path):
+    """A folder that mixes in images too small for the model's crop: one line naming them, or left out and
+    listed under --on-bad-image skip (blowing a thumbnail up to 224 px would audit something else)."""
+    paths = []
+    for i, (w, h) in enumerate([(300, 260), (120, 90), (230, 500)]):
+        paths.append(tmp_path / f"{i}.png")
+        _noise(w, h, i).save(paths[-1])
+    fit = Fit(256, 224)
+    with pytest.raises(PupilError, match=r"1.png: 120x90 is smaller than the model's 224-px crop"):
+        read_images(paths, fit=fit)
+    dec = read_images(paths, fit=fit, on_bad="skip")
+    assert dec.kept == [0, 2] and len(dec.bad) == 1 and dec.images.shape == (2, 3, 224, 224)

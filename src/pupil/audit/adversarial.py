@@ -197,7 +197,7 @@ class Attacker:
     def survivors(self, attack: Attack, x: torch.Tensor, y: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """(N,) bool: ``alive`` images that ``attack(x, y) -> x_adv`` fails to flip; the others are not attacked."""
         out = alive.clone()
-        for chunk in alive.nonzero()[:, 0].split(self.cfg.batch_size):
+        for chunk in alive.nonzero()[:, 0].split(self.ctx.batch(self.cfg.batch_size)):
             with self.autocast():
                 adv = attack(x[chunk], y[chunk])
             out[chunk] = self.predict(adv) == y[chunk]

@@ -86,10 +86,10 @@ class Certify(Check):
         labels, radius = [], []
         t0 = time.perf_counter()
         # Chunks of images bound the memory that gathering noisy copies takes; rows per pass stay batch_size.
-        for chunk in idx.split(max(1, min(256, cfg.batch_size))):
+        for chunk in idx.split(ctx.batch(min(256, cfg.batch_size))):
             x = to_input(ctx.test.images[chunk], ctx.device, False)
             with autocast(ctx.device, ctx.dtype):
-                c, r = certify_batch(model, x, cfg.n0, cfg.n, cfg.alpha, cfg.sigma, cfg.batch_size, gen)
+                c, r = certify_batch(model, x, cfg.n0, cfg.n, cfg.alpha, cfg.sigma, ctx.batch(cfg.batch_size), gen)
             labels.append(c)
             radius.append(r)
         seconds = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import typing
 from collections.abc import Callable
@@ -164,6 +165,8 @@ class AuditContext:
     seed: int
     budget: str
     batch_size: int = 1024
+    """Images per forward pass: 1,024 for small images, fewer for large ones (``batch_for``), so that activations
+    stay bounded; every check's own batch setting is capped by it (``ctx.batch``)."""
     gradients: bool = True
     """Whether gradients flow through the model (not through an ONNX session): white-box attacks, Grad-CAM,
     Integrated Gradients and ODIN need them; without them a check switches to a black-box method or skips the
@@ -195,6 +198,10 @@ class AuditContext:
             )
             self._cache[f"{key}/seconds"] = time.perf_counter() - t0
         return self._cache[key]
+
+    def batch(self, wanted: int) -> int:
+        """A check's batch setting, capped by the context's batch size for the image size."""
+        return max(1, min(wanted, self.batch_size))
 
     def targets(self, split: str = "test") -> torch.Tensor:
         return self.split(split).targets
@@ -280,6 +287,12 @@ def make_context(
     test = run.split("test", data_dir)
     val = run.split("val", data_dir) if cfg["data"]["val_size"] else None
     source = info.get("source") or {}
+    batch = batch_for(test.shape)
+    if test.streamed and batch * math.prod(test.shape) > run.max_memory:
+        raise PupilError(
+            f"--max-memory {run.max_memory:,} bytes does not hold one batch of {batch} images of "
+            f"{'x'.join(map(str, test.shape))} ({batch * math.prod(test.shape):,} bytes); give it more"
+        )
     return AuditContext(
         run=run,
         test=test,
@@ -292,7 +305,18 @@ def make_context(
         gradients=source.get("gradients", True),
         features=source.get("features", True),
         gradcam=source.get("gradcam", True),
+        batch_size=batch,
     )
+
+
+PIXELS_PER_BATCH = 1 << 22  # 4M pixels: 1,024 images of 64x64 or less, 64 of 224x224
+
+
+def batch_for(shape: tuple[int, int, int]) -> int:
+    """Images per forward pass for ``(C, H, W)`` inputs: a power of two with at most ``PIXELS_PER_BATCH`` pixels
+    (at least 8, at most 1,024), which bounds the activations of a 224-px ImageNet model to a few hundred MB."""
+    fits = max(1, PIXELS_PER_BATCH // (shape[1] * shape[2]))
+    return max(8, min(1024, 1 << (fits.bit_length() - 1)))
 
 
 def run_audit(

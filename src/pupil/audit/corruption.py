@@ -112,7 +112,7 @@ class Corruption(Check):
         examples: dict[str, str] = {}
         for c in names:
             for s in sevs:
-                logits, first = predict_corrupted(ctx, chosen, c, s, scale, cfg.batch_size)
+                logits, first = predict_corrupted(ctx, chosen, c, s, scale, ctx.batch(cfg.batch_size))
                 a, e = accuracy_ece(logits, y)
                 acc[c].append(a)
                 cal[c].append(e)

@@ -147,6 +147,15 @@ def read_images(
             heads.append((i, *_probe(Path(p))))
         except _Bad as e:
             bad.append(BadImage(str(p), str(e)))
+    small = [hd for hd in heads if min(hd[2]) < fit.crop] if fit else []
+    if small and len(small) < len(heads):
+        # A folder that mixes in images smaller than the crop: those would be blown up while the rest shrink, so
+        # they are refused (or skipped) like bad files. A folder of small images only is upsampled, and counted.
+        bad += [
+            BadImage(str(paths[i]), f"{w}x{h} is smaller than the model's {fit.crop}-px crop")
+            for i, _, (w, h), _ in small
+        ]
+        heads = [hd for hd in heads if min(hd[2]) >= fit.crop]
     if bad and on_bad == "fail":
         raise_bad(bad, len(paths), hint)
     if not heads:
