@@ -56,6 +56,9 @@ class DataConfig:
     """fail: refuse the data and list every unreadable image; skip: leave them out and list them in the run."""
     min_per_class: int = 2
     """Refuse image folders and manifests with a class of fewer images than this (a typo'd label, say)."""
+    max_memory: str | None = None
+    """Decoded size a split may take in memory (``4GB``); a larger folder or manifest streams from its files
+    (default: a quarter of this machine's memory)."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.eval_batch_size < 1:

@@ -288,10 +288,11 @@ def make_context(
     val = run.split("val", data_dir) if cfg["data"]["val_size"] else None
     source = info.get("source") or {}
     batch = batch_for(test.shape)
-    if test.streamed and batch * math.prod(test.shape) > run.max_memory:
+    one = min(batch, len(test)) * math.prod(test.shape)
+    if test.streamed and one > run.max_memory:
         raise PupilError(
-            f"--max-memory {run.max_memory:,} bytes does not hold one batch of {batch} images of "
-            f"{'x'.join(map(str, test.shape))} ({batch * math.prod(test.shape):,} bytes); give it more"
+            f"--max-memory {run.max_memory:,} bytes does not hold one batch of {min(batch, len(test))} images of "
+            f"{'x'.join(map(str, test.shape))} ({one:,} bytes); give it more"
         )
     return AuditContext(
         run=run,

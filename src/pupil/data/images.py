@@ -473,14 +473,33 @@ class LazyImages:
             batch_size=n,
             num_workers=self.workers,
             collate_fn=torch.stack,
+            generator=_quiet(),
             prefetch_factor=2 if self.workers else None,
             persistent_workers=False,
+        )
+        return iter(loader)
+
+    def batches(self, index_lists: list[list[int]]):
+        """The images of each index list in turn (a training epoch's batches), decoded ahead by workers."""
+        loader = torch.utils.data.DataLoader(
+            _Files(self),
+            batch_sampler=index_lists,
+            num_workers=self.workers,
+            collate_fn=torch.stack,
+            generator=_quiet(),
+            prefetch_factor=2 if self.workers else None,
         )
         return iter(loader)
 
     def __iter__(self):
         for chunk in self.split(256):
             yield from chunk
+
+
+def _quiet() -> torch.Generator:
+    """A DataLoader's own generator: without one, starting its workers draws a seed from torch's global random
+    state, and streaming would change every random number drawn after it (dropout, training order)."""
+    return torch.Generator().manual_seed(0)
 
 
 class _Files(torch.utils.data.Dataset):
@@ -501,7 +520,7 @@ def _verify(paths: list, heads: list, mode: str, size: tuple[int, int], fit: Fit
     others as BadImages (a truncated JPEG passes the header check and fails only here)."""
     lazy = LazyImages([str(paths[i]) for i, *_ in heads], mode, size, fit)
     loader = torch.utils.data.DataLoader(
-        _Check(lazy), batch_size=64, num_workers=lazy.workers, collate_fn=lambda items: items
+        _Check(lazy), batch_size=64, num_workers=lazy.workers, collate_fn=lambda items: items, generator=_quiet()
     )
     reasons = [r for batch in loader for r in batch]
     bad = [BadImage(lazy.paths[j], r) for j, r in enumerate(reasons) if r]

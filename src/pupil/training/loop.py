@@ -188,11 +188,16 @@ def train_one_epoch(state: TrainState, epoch: int, start: int, bar: Bar) -> dict
     correct = torch.zeros((), device=device)
     seen, t0 = 0, time.perf_counter()
     model.train()
+    # Streamed images are decoded ahead, batch by batch in this epoch's order, by DataLoader workers.
+    ahead = (
+        ds.images.batches([order[i * bs : (i + 1) * bs].tolist() for i in range(start, spe)]) if ds.streamed else None
+    )
     for i in range(start, spe):
         if state.step >= state.total_steps:
             break
         idx = order[i * bs : (i + 1) * bs]
-        x = state.augment(to_input(ds.images[idx], device, state.channels_last), state.gen)
+        pixels = next(ahead) if ahead is not None else ds.images[idx]
+        x = state.augment(to_input(pixels, device, state.channels_last), state.gen)
         y = hard_y = ds.targets[idx].to(device, non_blocking=True)
         if state.mixup is not None:
             x, y = state.mixup(x, y)

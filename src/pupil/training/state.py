@@ -20,6 +20,7 @@ from torch import nn
 
 from pupil.config import Config
 from pupil.data import BatchAugment, ImageDataset, load
+from pupil.data.images import memory_budget
 from pupil.data.transforms import AugmentConfig
 from pupil.energy import grid_codes
 from pupil.errors import PupilError
@@ -226,6 +227,7 @@ def load_splits(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
         img_size=d.img_size,
         on_bad_image=d.on_bad_image,
         min_per_class=d.min_per_class,
+        max_memory=memory_budget(d.max_memory),
     )
     train_ds = load(d.dataset, "train", **kw)
     val_ds = load(d.dataset, "val", **kw) if d.val_size else None
