@@ -133,3 +133,16 @@ def test_unknown_dataset_and_split():
         load("imagenet-99", "train")
     with pytest.raises(PupilError, match="unknown split"):
         load("synthetic", "dev")
+
+
+def test_stratified_split_holds_out_exactly_the_size_asked_with_many_classes():
+    from pupil.data import stratified_split
+
+    targets = torch.arange(3000) % 1000  # 1,000 classes of 3: every class's quota of 32 rounds to 0
+    rest, held = stratified_split(targets, 32, seed=0)
+    assert len(held) == 32 and len(rest) == 2968 and torch.bincount(targets[held]).max() == 1
+    targets = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)  # quotas 1.33 each round to 1: one more for one class
+    assert len(stratified_split(targets, 4, seed=0)[1]) == 4
+    targets = torch.tensor([0] * 60 + [1] * 40)  # quotas add up already: unchanged
+    held = stratified_split(targets, 10, seed=1)[1]
+    assert torch.bincount(targets[held]).tolist() == [6, 4]

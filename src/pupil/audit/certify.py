@@ -107,6 +107,8 @@ class Certify(Check):
         metrics = {
             "n_images": len(idx),
             "sigma": cfg.sigma,
+            "sigma_normalised": [cfg.sigma / s for s in ctx.model.std.flatten().tolist()],
+            "input_shape": list(ctx.test.shape),
             "certified_accuracy": {f"{r:g}": certified_accuracy(r) for r in radii},
             "smoothed_accuracy": certified_accuracy(0.0),
             "base_accuracy": clean,
@@ -120,6 +122,10 @@ class Certify(Check):
             f"{len(idx)} of {len(ctx.test)} test images (seeded random subset, seed {ctx.seed}); "
             f"sigma {cfg.sigma:g}, n0 {cfg.n0}, n {cfg.n}, alpha {cfg.alpha:g} (Cohen et al. 2019, Alg. 1)",
             f"with n = {cfg.n} draws no radius above {cap:.3f} can be certified",
+            f"sigma and the radii are in the model's pixel space: [0, 1] pixels of its "
+            f"{'x'.join(map(str, ctx.test.shape))} input, after its resize and crop and before its normalisation "
+            f"(sigma {cfg.sigma:g} is {', '.join(f'{v:.3g}' for v in metrics['sigma_normalised'])} in normalised "
+            "units per channel)",
         ]
         notes += _training_notes(ctx.run.info["config"], cfg.sigma)
         label = f"certified accuracy at L2 radius {r_head:g} (σ={cfg.sigma:g})"

@@ -127,6 +127,7 @@ class Efficiency(Check):
             "peak_memory_bytes": peak,
             "peak_memory_method": f"batch {cfg.throughput_batch}, {peak_method}",
             "threads": torch.get_num_threads(),
+            "input_shape": list(ctx.test.shape),
             "device": str(dev),
             "precision": str(ctx.dtype or "fp32"),
             "tta": model.tta,

@@ -184,11 +184,20 @@ def stratified_split(targets: torch.Tensor, size: int | float, seed: int) -> tup
         raise PupilError(f"validation size {size} must leave images on both sides of a {n}-image training split")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
-    # Take each class's share of the held-out set from its own shuffled members.
+    # Take each class's share of the held-out set from its own shuffled members: its rounded quota, then, where
+    # the rounding left the total off n_out (many classes, few held out), one more or one fewer for the classes
+    # whose quotas were rounded the furthest (largest remainders), so that exactly n_out are held out.
+    members = [perm[targets[perm] == c] for c in targets.unique()]
+    quota = [n_out * len(m) / n for m in members]
+    take = [round(q) for q in quota]
+    if diff := n_out - sum(take):
+        step = 1 if diff > 0 else -1
+        ranked = sorted(range(len(take)), key=lambda k: step * (take[k] - quota[k]))  # stable: ties by class
+        for k in [k for k in ranked if 0 <= take[k] + step <= len(members[k])][: abs(diff)]:
+            take[k] += step
     held = []
-    for c in targets.unique():
-        members = perm[targets[perm] == c]
-        held.append(members[: round(n_out * len(members) / n)])
+    for m, t in zip(members, take, strict=True):
+        held.append(m[:t])
     held = torch.cat(held).sort().values
     mask = torch.ones(n, dtype=torch.bool)
     mask[held] = False

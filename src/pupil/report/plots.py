@@ -298,8 +298,16 @@ def histogram(values: list[float], bins: int = 30, xlabel: str = "", ylabel: str
     return to_uri(fig)
 
 
+MAX_BARS = 60  # more bars than this (1,000 ImageNet classes) show the lowest values only
+
+
 def bars(labels: list[str], values: list[float], xlabel: str = "", xlim: tuple[float, float] | None = None) -> str:
-    """Horizontal bars, the first label on top."""
+    """Horizontal bars, the first label on top; of more than ``MAX_BARS``, the ``MAX_BARS`` lowest values."""
+    total = len(labels)
+    if total > MAX_BARS:
+        keep = sorted(range(total), key=lambda i: values[i])[:MAX_BARS]
+        labels, values = [labels[i] for i in keep], [values[i] for i in keep]
+        xlabel = f"{xlabel} (the {MAX_BARS} lowest of {total:,})"
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 0.8))
     ax.barh([str(n) for n in labels[::-1]], values[::-1], color=ACCENT)
     ax.set(xlabel=xlabel)
