@@ -535,3 +535,17 @@ def test_an_unknown_energy_country_is_refused_before_training(tmp_path):
     with pytest.raises(PupilError, match="energy_country must be an ISO 3166 alpha-3 code.*not 'XYZ'"):
         fit(cfg, progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """atomic_write's temporary file is 0600 (mkstemp); the file it becomes is as readable as open() makes it."""
+    import os
+
+    from pupil.io import write_text
+
+    mask = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
