@@ -303,6 +303,16 @@ def _photos(p: dict, wall_s: float) -> list[str]:
     ]
 
 
+def audit_scale(data: dict) -> str:
+    """The renderer lives beside the measurement, in benchmarks/audit_scale.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("audit_scale", ROOT / "benchmarks" / "audit_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_table(data)
+
+
 TABLES = {
     "train_fmnist": train_fmnist,
     "audit_core": audit_core,
@@ -313,6 +323,7 @@ TABLES = {
     "robust_fmnist": robust_fmnist,
     "finetune_fmnist": finetune_fmnist,
     "audit_forward": audit_forward,
+    "audit_scale": audit_scale,
     "audit_demos": audit_demos,
 }
 

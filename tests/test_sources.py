@@ -65,8 +65,8 @@ def test_pupil_audit_takes_a_module_after_the_audit_package_was_imported(tmp_pat
     assert r["audit"]["precision"] == "fp32" and r["run"]["classes"] == ["blue", "green", "red"]
     assert r["audit"]["data"]["conversions"]["resized"] > 0 and r["audit"]["data"]["conversions"]["cropped"] > 0
     assert {p.name for p in (tmp_path / "audit").iterdir()} >= {"results.json", "report.html", "model_card.md"}
-    # 36 images, 10% held out for validation, class-stratified (each class gives round(4 * 12 / 36) = 1)
-    assert r["audit"]["n"] == 33
+    # 36 images, 10% (round(3.6) = 4) held out for validation, class-stratified: the rest is the test split
+    assert r["audit"]["n"] == 32
 
 
 def test_the_audit_matches_a_plain_loop_with_the_stated_preprocessing(tmp_path, folder):
