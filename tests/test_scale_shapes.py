@@ -60,7 +60,7 @@ def test_every_check_runs_on_224_px_colour_photographs(tmp_path):
     assert ood  # the OOD sets (grey 28 px digits, noise) were brought to the model's 3x224x224 input
 
 
-def test_every_check_runs_on_a_1000_class_model():
+def test_every_check_runs_on_a_1000_class_model(tmp_path):
     class Thousand(torch.utils.data.Dataset):
         classes = [f"c{i:03d}" for i in range(1000)]
 
