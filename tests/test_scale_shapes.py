@@ -74,7 +74,7 @@ def test_every_check_runs_on_a_1000_class_model(tmp_path):
     r = pupil.audit(
         Tiny(1000),
         Thousand(),
-        out=None,
+        out=tmp_path / "a",
         preprocess={"mean": "0.5", "std": "0.25"},
         settings=SETTINGS,
         device="cpu",
