@@ -23,7 +23,7 @@ torchvision loop measured the same way in the same invocation.
 
 Both sides leave torch's thread count at its default (pupil sets it to the cores it may use). Writes
 benchmarks/results/audit_scale.json; ``readme_table`` renders it. The generated folder goes to a new temporary
-folder (or ``--work``, new or empty) and is deleted afterwards unless ``--keep``. About 30-40 minutes on 2 cores
+folder (or ``--work``, new or empty) and is deleted afterwards unless ``--keep``. About 20-30 minutes on 2 cores
 at the default 20,000 images.
 
     python benchmarks/audit_scale.py [--images 20000] [--work DIR] [--keep]
@@ -315,8 +315,8 @@ def readme_table(data: dict) -> str:
         f"test split. Reference, run after pupil's audit: a plain torchvision `ImageFolder` + `DataLoader` loop (batch "
         f"{BATCH}, {m['workers']} worker(s), same model) over the first {r['n']:,} images. Memory is the peak unique "
         f"set size (USS) summed over each side's process and its workers, sampled every {INTERVAL_S:g} s; speed is "
-        f"images per second of the prediction pass (decode + forward). Goals: peak below {g['peak_bytes'] / gb:g} GB "
-        f"and at least {g['ratio']:g}× the plain loop's speed.",
+        f"images per second of the prediction pass (decode + forward); one run of each. Goals: peak below "
+        f"{g['peak_bytes'] / gb:g} GB and at least {g['ratio']:g}× the plain loop's speed.",
         "",
         f"| | {side} | plain torchvision loop | goal | met |",
         "| --- | ---: | ---: | --- | --- |",
