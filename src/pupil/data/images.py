@@ -164,7 +164,7 @@ def read_images(
     size = (img_size, img_size) if img_size else Counter(s for _, _, s, _ in heads).most_common(1)[0][0]
     c, (w, h) = (1 if mode == "L" else 3), ((fit.crop, fit.crop) if fit else size)
     if max_bytes is not None and len(heads) * c * h * w > max_bytes:
-        if c * h * w * 1 > max_bytes:
+        if c * h * w > max_bytes:
             raise PupilError(f"--max-memory {max_bytes:,} bytes is less than one {c}x{h}x{w} image")
         if on_bad == "skip":
             heads, late = _verify(paths, heads, mode, size, fit)
@@ -427,9 +427,6 @@ class LazyImages:
     def shape(self) -> torch.Size:
         return torch.Size((len(self.paths), *self.item_shape))
 
-    def size_of(self, dim: int) -> int:
-        return self.shape[dim]
-
     def numel(self) -> int:
         return self.shape.numel()
 
@@ -468,26 +465,21 @@ class LazyImages:
         """Chunks of ``n`` images in order, decoded ahead by worker processes."""
         if not self.paths:
             return iter([torch.empty((0, *self.item_shape), dtype=torch.uint8)])
-        loader = torch.utils.data.DataLoader(
-            _Files(self),
-            batch_size=n,
-            num_workers=self.workers,
-            collate_fn=torch.stack,
-            generator=_quiet(),
-            prefetch_factor=2 if self.workers else None,
-            persistent_workers=False,
-        )
-        return iter(loader)
+        return self._decoded_ahead(batch_size=n)
 
     def batches(self, index_lists: list[list[int]]):
         """The images of each index list in turn (a training epoch's batches), decoded ahead by workers."""
+        return self._decoded_ahead(batch_sampler=index_lists)
+
+    def _decoded_ahead(self, **batching):
+        """Batches (``batch_size`` in order, or a ``batch_sampler``'s) decoded by this set's workers."""
         loader = torch.utils.data.DataLoader(
             _Files(self),
-            batch_sampler=index_lists,
             num_workers=self.workers,
             collate_fn=torch.stack,
             generator=_quiet(),
             prefetch_factor=2 if self.workers else None,
+            **batching,
         )
         return iter(loader)
 
