@@ -142,6 +142,49 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+# Per-image figures: what a paired comparison between two audits needs (each image's logits, whether each
+# corrupted copy was classified correctly, each image's OOD score...). They are too large for results.json, so a
+# check returns them under ``per_image`` and the runner writes them, one safetensors file per check, beside it.
+PER_IMAGE_DIR = Path("audit") / "per_image"
+PER_IMAGE_IDENTITY = ("split", "n", "budget", "seed", "precision", "tta")  # with audit.data.fingerprint
+
+
+def per_image_identity(audit: dict[str, Any]) -> dict[str, Any]:
+    """The settings two audits' per-image figures must share to be paired: the images (fingerprint, split, n)
+    and what drew the subsets (budget, seed), and how the model computed (precision, TTA)."""
+    return {**{k: audit.get(k) for k in PER_IMAGE_IDENTITY}, "fingerprint": (audit.get("data") or {}).get("fingerprint")}
+
+
+def write_per_image(run_dir: str | Path, check: str, tensors: dict[str, torch.Tensor], audit: dict[str, Any]) -> Path:
+    """Write ``check``'s per-image tensors to ``<run>/audit/per_image/<check>.safetensors`` (atomically), with the
+    audit's identity in the file's metadata so that a stale file is never paired with a newer results.json."""
+    from safetensors.torch import save_file
+
+    from pupil.io import atomic_write
+
+    meta = {"check": check, "identity": json.dumps(per_image_identity(audit), sort_keys=True)}
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(Path(run_dir) / PER_IMAGE_DIR / f"{check}.safetensors", lambda t: save_file(data, t, meta))
+
+
+def read_per_image(run_dir: str | Path, check: str, audit: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """``check``'s per-image tensors written by the audit that ``audit`` (results.json's ``audit`` object)
+    describes; None when there is no such file or it belongs to another audit (other images, seed or budget)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / PER_IMAGE_DIR / f"{check}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("identity") != json.dumps(per_image_identity(audit), sort_keys=True):
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PupilError(f"corrupt {path}: {e}; `pupil audit {Path(run_dir)} --checks {check}` rewrites it") from None
+
+
 def area_downscale(img: torch.Tensor, max_side: int) -> torch.Tensor:
     """A (..., H, W) tensor as float32, area-averaged so that neither side exceeds ``max_side`` (aspect kept, each
     side rounded, at least 1); unchanged but for the dtype when it already fits."""

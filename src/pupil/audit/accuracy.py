@@ -161,6 +161,7 @@ class Accuracy(Check):
             "headline": headline("top-1 accuracy", metrics["top1"], True, "fraction", ci["top1"]),
             "summary": summary,
             "metrics": metrics,
+            "per_image": {"logits": logits, "targets": y},  # for paired comparisons (pupil compare)
             "tables": {
                 "per_class": table(["class", "support", "precision", "recall", "f1"], per_class),
                 "most_confused": table(

@@ -2,7 +2,9 @@
 
 A check is a registered class with a name, a ``Config`` dataclass and ``run(ctx, cfg) -> dict``: its headline,
 summary (the figures other code reads, copied from its metrics; see ``pupil.results``), metrics, tables, curves
-and notes. It never prints or renders, and never depends on another check except through the predictions that
+and notes; optionally ``per_image``, tensors with one row per test image (or per scored image) that a paired
+comparison of two audits needs, which the runner writes beside results.json (``pupil.results.write_per_image``).
+It never prints or renders, and never depends on another check except through the predictions that
 the context computes once and shares (``ctx.logits("test")``). The runner records each check's config and
 runtime next to its figures, so that every number in ``results.json`` can be reproduced. Each ``Config``
 checks its settings in ``__post_init__`` with ``validate_settings`` (type from the hints, range or choices
@@ -33,7 +35,7 @@ from pupil.extras import install_hint, missing, require
 from pupil.io import write_json
 from pupil.predict import predict_logits
 from pupil.registry import Registry
-from pupil.results import SCHEMA_VERSION, other_version, section_problem, validate
+from pupil.results import SCHEMA_VERSION, other_version, section_problem, validate, write_per_image
 from pupil.run import Run, load_run
 from pupil.runtime import autocast, resolve_device, resolve_precision, to_input
 
@@ -385,6 +387,7 @@ def run_audit(
     path = Path(run_dir) / "results.json"
     sections, dropped, notes = earlier_sections(path, audit, names)
     notes = skipped + list((ctx.run.info.get("source") or {}).get("notes", [])) + notes
+    per_image: dict[str, dict[str, torch.Tensor]] = {}
     for n, cfg in configs.items():
         check = checks_run[n]
         if on_check:
@@ -392,6 +395,8 @@ def run_audit(
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         result = check.run(ctx, cfg)
+        if "per_image" in result:  # written beside results.json, not into it
+            per_image[n] = result.pop("per_image")
         if not isinstance(result.get("summary"), dict):  # a bug in the check: fail before the next one runs
             raise PupilError(f"the {n} check returned no summary (the figures other code reads)")
         result = {"title": check.title, "config": dataclasses.asdict(cfg), **result}
@@ -420,6 +425,8 @@ def run_audit(
         "checks": {k: sections[k] for k in sorted(sections, key=_order)},
     }
     validate(results)
+    for n, tensors in per_image.items():
+        write_per_image(run_dir, n, tensors, audit)
     write_json(path, results)
     return results
 
