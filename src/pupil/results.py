@@ -5,7 +5,8 @@ The audit writes results.json and the report reads it; both import this module, 
 Version 2.x: one section per check, each with ``title``, ``config``, ``runtime_s``, ``headline``
 (label, value, direction, unit, optional 95% interval), ``summary``, ``metrics``, ``tables`` (columns + rows),
 ``curves`` (the raw data plots are drawn from), ``figures`` (2.1: what to draw from which curve, by kind) and
-``notes``. ``summary`` is the flat part other code reads:
+``notes``. 2.2 adds ``gate``, the verdict of release gates (``pupil.report.gates``), beside ``checks``.
+``summary`` is the flat part other code reads:
 a handful of the check's figures under stable names (``SUMMARY_KEYS``), copied from its metrics. Code outside
 the audit reads figures from ``summary`` only (``CONSUMED`` lists what each reader takes, ``consumed`` gives
 it); ``metrics`` may change shape between minor versions. Version 1.x had no summary and is refused on reading.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
-SCHEMA_VERSION = "2.1"  # the major part must match the schema's schema_version pattern
+SCHEMA_VERSION = "2.2"  # the major part must match the schema's schema_version pattern
 PNG_URI_PREFIX = "data:image/png;base64,"
 MESSAGE_CHARS = 200  # jsonschema quotes the whole offending value; a long one is cut to keep the error one line
 
