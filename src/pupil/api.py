@@ -47,6 +47,7 @@ def audit(
     on_bad_image: str = "fail",
     max_memory: int | str | None = None,
     on_check: Callable[[str, str], None] | None = None,
+    gate: str | Path | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` on ``data``; write results.json, report.html and model_card.md; return the results.
 
@@ -58,7 +59,9 @@ def audit(
     ``interpolation``, ``mean``, ``std``, ``input_range`` where the model does not say them itself. ``out``:
     the folder for the results (a run directory's own by default, else ``audits/<model name>``).
     ``max_memory``: bytes (or ``"4GB"``) a split may take decoded; larger folders and manifests are streamed
-    from their files (default: a quarter of this machine's memory).
+    from their files (default: a quarter of this machine's memory). ``gate``: a YAML file of release rules
+    (``pupil.report.gates``) judged on the new results, written into results.json under ``gate`` and onto the
+    card; rules against a base run need ``pupil compare BASE NEW --gate FILE``.
     """
     from pupil.audit import run_audit
     from pupil.report.render import load_thresholds, render_run
@@ -66,6 +69,7 @@ def audit(
     from pupil.runtime import resolve_device
 
     load_thresholds(thresholds)  # a bad file fails before the audit, not after
+    rules = _gate_rules(gate)
     names = [c.strip() for c in checks.split(",") if c.strip()] if isinstance(checks, str) else checks
     if is_run_dir(model):
         given = {"weights": weights, "pretrained": pretrained or None, "classes": classes, "class_map": class_map}
@@ -91,6 +95,7 @@ def audit(
                 precision=precision,
                 max_memory=max_memory,
             )
+            results = _judge(results, rules, gate, run_dir)
             render_run(run_dir, thresholds)
         return results
 
@@ -132,9 +137,39 @@ def audit(
                 on_check=on_check,
                 precision=precision,
             )
+            results = _judge(results, rules, gate, out)
             render_run(out, thresholds)
     except BaseException:
         if created:
             remove_if_empty(out)
         raise
+    return results
+
+
+def _gate_rules(gate: str | Path | None) -> list:
+    """The gate file's rules, read before the audit so that a bad file fails first; rules that need a base run
+    are refused here (they belong to ``pupil compare BASE NEW --gate FILE``)."""
+    if gate is None:
+        return []
+    from pupil.report.gates import load_gates
+
+    rules = load_gates(gate)
+    if based := [r.text for r in rules if r.base]:
+        raise PupilError(
+            f"{gate}: {based[0]!r} compares with a base run; judge it with pupil compare BASE NEW --gate {gate}"
+        )
+    return rules
+
+
+def _judge(results: dict[str, Any], rules: list, gate: str | Path | None, run_dir: str | Path) -> dict[str, Any]:
+    """The results with the gate's verdict under ``gate``, written back to results.json (no gate: unchanged)."""
+    if gate is None:
+        return results
+    from pupil.io import write_json
+    from pupil.report.gates import evaluate
+    from pupil.results import validate
+
+    results = {**results, "gate": evaluate(rules, results, file=str(gate))}
+    validate(results)
+    write_json(Path(run_dir) / "results.json", results)
     return results

@@ -16,6 +16,7 @@ import click
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pupil.errors import Interrupted, PupilError
@@ -87,11 +88,23 @@ def predict_cmd(
     ood_below: Annotated[
         float | None, typer.Option(help="Defer when the OOD score is below this (higher = more in-distribution).")
     ] = None,
+    conformal: Annotated[
+        float | None,
+        typer.Option(
+            help="Print the conformal prediction set that holds the true class with this probability (e.g. 0.95), "
+            "calibrated by the audit's conformal check."
+        ),
+    ] = None,
+    conformal_score: Annotated[
+        str | None, typer.Option(help="thr, aps or raps (default: the score the audit found smallest sets with).")
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Top-k labels with probabilities for image files, resized and converted to the run's input.
 
     With --defer-below or --ood-below an image the model should not decide alone is reported as deferred.
+    With --conformal LEVEL each image also gets its prediction set: the labels that, over images like the
+    validation split's, contain the true one with probability LEVEL.
     """
     import torch
 
@@ -111,10 +124,20 @@ def predict_cmd(
     if top < 1:
         raise PupilError(f"--top must be at least 1, not {top}")
     threshold = _deferral_threshold(run, defer_below)
+    if conformal is not None and run in PRETRAINED:
+        raise PupilError("--conformal needs a run audited with the conformal check, not shipped weights")
+    if conformal is not None and not 0 < conformal < 1:
+        raise PupilError(f"--conformal takes a coverage between 0 and 1 (e.g. 0.95), not {conformal:g}")
     x = read_images(images, img_size=h, mode="L" if c == 1 else "RGB").images
     x = x.float().div(255).to(dev)
     with torch.inference_mode():
-        probs = model(x).softmax(1).cpu()
+        logits = model(x).float().cpu()
+    probs = logits.softmax(1)
+    sets = None
+    if conformal is not None:
+        from pupil.conformal import sets_for_run
+
+        sets, used = sets_for_run(run, logits, conformal, conformal_score)
     ood = None
     if ood_below is not None:
         from pupil.ood import score_images
@@ -131,6 +154,15 @@ def predict_cmd(
         console.print(f"[bold]{path}[/]" + (f": [bold yellow]deferred[/] ({'; '.join(reasons)})" if reasons else ""))
         for v, i in zip(values.tolist(), idx.tolist()):
             console.print(f"  {classes[i]:<24s} {v:7.2%}")
+        if sets is not None:
+            labels = ", ".join(classes[i] for i in sets[j]) or "(empty: no label reaches the threshold)"
+            console.print(f"  {used['level']:.0%} prediction set ({len(sets[j])}): {labels}", markup=False)
+    if sets is not None:
+        console.print(
+            f"conformal: {used['score'].upper()} score, threshold {used['threshold']:.4g}, calibrated on "
+            f"{used['n_calibration']:,} validation images" + (", randomized" if used.get("randomized") else ""),
+            markup=False,
+        )
 
 
 def _deferral_threshold(run: str, value: str | None) -> float | None:
@@ -383,6 +415,12 @@ def audit_cmd(
     baseline: Annotated[
         str | None, typer.Option(help="Baseline run (audited with the corruption check) for mCE and relative mCE.")
     ] = None,
+    gate: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML of release rules (e.g. calibration.ece <= 0.03) to judge the audit by; exit 1 on a fail."
+        ),
+    ] = None,
 ) -> None:
     """Audit a model on data: write results.json, then render report.html and model_card.md from it."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -444,6 +482,7 @@ def audit_cmd(
             on_bad_image=on_bad_image,
             max_memory=max_memory,
             on_check=on_check,
+            gate=gate,
         )
     _print_card(results)
     for note in results["audit"].get("notes", []):
@@ -452,6 +491,10 @@ def audit_cmd(
     console.print(
         f"results: {folder / 'results.json'}\nreport: {folder / 'report.html'}\nmodel card: {folder / 'model_card.md'}"
     )
+    if "gate" in results:
+        _print_gate(results["gate"])
+        if not results["gate"]["passed"]:
+            raise typer.Exit(1)
 
 
 @app.command("report")
@@ -473,12 +516,24 @@ def report_cmd(
 def compare_cmd(
     runs: Annotated[list[Path], typer.Argument(help="Run directories or results.json files.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.html and leaderboard.json.")] = Path("compare"),
+    gate: Annotated[
+        Path | None,
+        typer.Option(help="YAML of release rules judged on NEW against BASE (two runs: BASE NEW); exit 1 on a fail."),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the paired tests (two runs).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the paired tests' bootstrap.")] = 0,
 ) -> None:
-    """Leaderboard and Pareto plots over many runs' results.json; mismatched audit settings are flagged."""
+    """Leaderboard and Pareto plots over many runs' results.json; mismatched audit settings are flagged.
+
+    With two runs, BASE NEW, also paired tests on the same test images (McNemar for top-1, paired bootstrap for
+    macro-F1, ECE, corruption accuracy and OOD AUROC, Holm-corrected), and with --gate the release rules.
+    """
     from pupil.report.compare import compare
     from pupil.report.render import fmt
 
-    board = compare(runs, out)
+    if bootstrap < 100:
+        raise PupilError(f"--bootstrap must be at least 100, not {bootstrap}")
+    board = compare(runs, out, gate=gate, n_bootstrap=bootstrap, seed=seed)
     table = Table(title=f"leaderboard ({len(board['runs'])} runs)")
     for col in ("run", "model", "top-1", "macro-F1", "ECE", "latency p50 ms", "FLOPs", "Pareto (latency)"):
         table.add_column(col)
@@ -496,7 +551,49 @@ def compare_cmd(
     console.print(table)
     for k, v in board["mismatched_settings"].items():
         console.print(f"[bold red]warning[/]: runs differ in {k}: {', '.join(v)}")
+    if "paired" in board:
+        _print_paired(board["paired"])
+    elif "paired_refused" in board:
+        console.print(f"no paired tests: {board['paired_refused']}", markup=False)
     console.print(f"wrote {out / 'compare.html'} and {out / 'leaderboard.json'}")
+    if "gate" in board:
+        _print_gate(board["gate"])
+        if not board["gate"]["passed"]:
+            raise typer.Exit(1)
+
+
+def _print_paired(paired: dict[str, Any]) -> None:
+    from pupil.report.render import fmt
+
+    table = Table(title=f"paired tests, {paired['new']} against {paired['base']} (same test images, Holm-corrected)")
+    for col in ("figure", "base", "new", "difference", "95% CI", "p", "p (Holm)", "verdict"):
+        table.add_column(col)
+    for f in paired["figures"]:
+        lo, hi = f["ci95"]
+        table.add_row(
+            f["label"],
+            fmt(f["base"]),
+            fmt(f["new"]),
+            f"{f['difference']:+.4f}",
+            f"{lo:+.4f} – {hi:+.4f}",
+            f"{f['p']:.3g}",
+            f"{f['p_holm']:.3g}",
+            f["verdict"],
+        )
+    console.print(table)
+    for item in paired.get("not_compared", []):
+        console.print(f"not compared: {item['figure']}: {item['reason']}", markup=False)
+
+
+def _print_gate(gate: dict[str, Any]) -> None:
+    from pupil.report.gates import gate_lines
+
+    for line in gate_lines(gate):
+        style = "green" if line.startswith("PASS") else "bold red"
+        console.print(f"[{style}]{line[:4]}[/]{escape(line[4:])}")
+    failed = sum(not r["passed"] for r in gate["rules"])
+    verdict = "[bold green]passed[/]" if gate["passed"] else f"[bold red]failed[/] ({failed} of {len(gate['rules'])})"
+    console.print(f"gate {gate['file']}: {verdict}")
 
 
 def audit_shortcuts() -> dict[str, tuple[str, str]]:
@@ -632,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_command(train_command())
     click_error, click_exit, click_abort = _click_exceptions()
     try:
-        group.main(args=argv, prog_name="pupil", standalone_mode=False)
+        code = group.main(args=argv, prog_name="pupil", standalone_mode=False)  # typer.Exit(n) returns n here
     except Interrupted as e:
         print(f"pupil: {e}", file=sys.stderr)
         return 130
@@ -650,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pupil: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -110,9 +110,11 @@ class Corruption(Check):
         acc: dict[str, list[float]] = {c: [] for c in names}
         cal: dict[str, list[float]] = {c: [] for c in names}
         examples: dict[str, str] = {}
-        for c in names:
-            for s in sevs:
+        correct = torch.empty(len(names), len(sevs), len(idx), dtype=torch.bool)  # (C, S, n), for per_image
+        for i, c in enumerate(names):
+            for j, s in enumerate(sevs):
                 logits, first = predict_corrupted(ctx, chosen, c, s, scale, ctx.batch(cfg.batch_size))
+                correct[i, j] = logits.argmax(1) == y
                 a, e = accuracy_ece(logits, y)
                 acc[c].append(a)
                 cal[c].append(e)
@@ -154,6 +156,10 @@ class Corruption(Check):
                 "relative_mce": metrics.get("relative_mce"),
             },
             "metrics": metrics,
+            # For paired comparisons (pupil.report.paired): which test images were scored and, per corruption (in
+            # the order of metrics["corruptions"]) and severity (in the order of ``severities``), which of them the
+            # model classified correctly.
+            "per_image": {"index": idx.long(), "correct": correct, "severities": torch.tensor(sevs)},
             "tables": tables(metrics),
             "figures": [
                 figure(

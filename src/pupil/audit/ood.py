@@ -248,6 +248,7 @@ class OOD(Check):
         if (idx := _subset(len(id_images), cfg.n_id, ctx.seed)) is not None:
             id_images = id_images[idx]
             notes.append(f"in-distribution: a seeded subset of {cfg.n_id} of the {len(ctx.test)} test images")
+        index = idx if idx is not None else torch.arange(len(id_images))  # into the test split
         images = {"id": id_images}
         id_hashes = set(_hashes(ctx.test.images))
         for name in sets:
@@ -265,7 +266,12 @@ class OOD(Check):
         if train is not None:
             counts["fit"] = len(train[0])
         per_score = self._score(model, images, train, ctx, cfg, scores, notes)
-        return self._summarise(per_score, sets, counts, notes, skipped)
+        out = self._summarise(per_score, sets, counts, notes, skipped)
+        # For paired comparisons (pupil.report.paired): the headline score of the ID test images (which ones:
+        # ``index``) and of each OOD set's images (``ood:<set name>``), from which its mean AUROC is recomputed.
+        lead = per_score[out["summary"]["score"]]
+        out["per_image"] = {"index": index.long(), "id": lead["id"], **{f"ood:{n}": lead[n] for n in sets}}
+        return out
 
     def _score(self, model, images, train, ctx, cfg, scores, notes) -> dict[str, dict[str, torch.Tensor]]:
         """{score: {"id" or set name: scores (N,)}} for every score that could be computed."""
