@@ -279,3 +279,49 @@ def _cells(board, name):
     from pupil.report.render import fmt
 
     return next(r["cells"] for r in headline_table(board, fmt)["rows"] if r["name"] == name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the command line: the exit status is what CI reads
+
+
+def test_compare_gate_from_the_cli_exits_1_on_the_planted_regression(runs, tmp_path, capsys):
+    from pupil.cli import main
+
+    gate = tmp_path / "gates.yaml"
+    gate.write_text("- accuracy.top1 >= base - 0.005 (paired)\n- calibration.ece <= 1.0\n")
+    args = ["compare", "--out", str(tmp_path / "c1"), "--gate", str(gate), "--bootstrap", str(B)]
+    assert main([*args, str(runs["base"]), str(runs["worse"])]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL accuracy.top1 >= base - 0.005 (paired)" in out and "PASS calibration.ece <= 1.0" in out
+    assert "worse" in out  # the paired table's verdict column
+    assert json.loads((tmp_path / "c1" / "leaderboard.json").read_text())["gate"]["passed"] is False
+    same = _copy(runs, "same_cli")  # the same weights, audited alike: the gate passes
+    run_audit(same, CHECKS, device="cpu", settings=TINY)
+    args[2] = str(tmp_path / "c2")
+    assert main([*args, str(runs["base"]), str(same)]) == 0
+    assert "gate " in capsys.readouterr().out
+
+
+def test_audit_gate_from_the_cli(runs, tmp_path, capsys):
+    from pupil.cli import main
+
+    run = _copy(runs, "gated")
+    strict, loose, based = (tmp_path / n for n in ("strict.yaml", "loose.yaml", "based.yaml"))
+    strict.write_text("- rule: accuracy.top1 >= 0.999\n  why: planted to fail\n- calibration.ece <= 1.0\n")
+    loose.write_text("- accuracy.top1 >= 0.0\n")
+    based.write_text("- accuracy.top1 >= base - 0.01\n")
+    settings = ["--checks", "accuracy,calibration", "--set", "accuracy.n_bootstrap=20", "--device", "cpu"]
+    assert main(["audit", str(run), *settings, "--gate", str(strict)]) == 1
+    gate = load_results(run)["gate"]
+    assert not gate["passed"] and [r["passed"] for r in gate["rules"]] == [False, True]
+    assert "FAIL accuracy.top1 >= 0.999" in capsys.readouterr().out
+    assert "Release gate" in (run / "report.html").read_text() or "gate" in (run / "report.html").read_text()
+    assert main(["audit", str(run), *settings, "--gate", str(loose)]) == 0
+    assert load_results(run)["gate"]["passed"] is True
+    assert main(["audit", str(run), *settings]) == 0
+    assert "gate" not in load_results(run)  # a new audit without --gate carries no old verdict
+    before = (run / "results.json").read_bytes()
+    assert main(["audit", str(run), *settings, "--gate", str(based)]) == 2  # base rules belong to compare
+    assert "pupil compare BASE NEW --gate" in capsys.readouterr().err
+    assert (run / "results.json").read_bytes() == before
