@@ -37,6 +37,7 @@ TINY = {
     "certify": {"images": 8, "n0": 10, "n": 50},
     "ood": {"n_id": 64, "n_ood": 32, "n_fit": 64, "knn_k": 5},
     "uncertainty": {"n": 64, "mc_samples": 2, "tta_samples": 2},
+    "conformal": {"n": 64, "corruptions": ["contrast"]},
     "explain": {"n": 4, "steps": 2, "lime_samples": 8, "shap_samples": 8, "ig_steps": 4, "examples": 1},
     "fairness": {"n_boot": 10, "slices": 3, "slice_examples": 1},
 }

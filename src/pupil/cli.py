@@ -128,8 +128,8 @@ def predict_cmd(
         raise PupilError("--conformal needs a run audited with the conformal check, not shipped weights")
     if conformal is not None and not 0 < conformal < 1:
         raise PupilError(f"--conformal takes a coverage between 0 and 1 (e.g. 0.95), not {conformal:g}")
-    x = read_images(images, img_size=h, mode="L" if c == 1 else "RGB").images
-    x = x.float().div(255).to(dev)
+    pixels = read_images(images, img_size=h, mode="L" if c == 1 else "RGB").images
+    x = pixels.float().div(255).to(dev)
     with torch.inference_mode():
         logits = model(x).float().cpu()
     probs = logits.softmax(1)
@@ -137,7 +137,8 @@ def predict_cmd(
     if conformal is not None:
         from pupil.conformal import sets_for_run
 
-        sets, used = sets_for_run(run, logits, conformal, conformal_score)
+        keys = [img.numpy().tobytes() for img in pixels]  # an image's randomized set depends on it alone
+        sets, used = sets_for_run(run, logits, conformal, conformal_score, keys)
     ood = None
     if ood_below is not None:
         from pupil.ood import score_images

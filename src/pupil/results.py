@@ -47,6 +47,17 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "certify": ("certified_top1", "radius", "sigma"),
     "ood": ("mean_auroc", "mean_fpr95", "score", "best_score"),
     "uncertainty": ("deferral_threshold", "target_accuracy", "deferred", "aurc"),
+    "conformal": (
+        "score",
+        "coverage_90",
+        "coverage_95",
+        "coverage_99",
+        "set_size_90",
+        "set_size_95",
+        "set_size_99",
+        "temperature",
+        "randomized",
+    ),
     "explain": ("insertion_deletion_gap", "method"),
     "fairness": ("accuracy_gap", "accuracy_gap_ci95", "attribute", "attribute_kind"),
 }
@@ -66,7 +77,10 @@ CONSUMED: dict[str, dict[str, tuple[str, ...]]] = {
         "calibration": ("ece", "ece_after_temperature", "temperature"),
         "fairness": ("accuracy_gap", "attribute", "attribute_kind"),
     },
-    "predict": {"uncertainty": ("deferral_threshold", "target_accuracy")},
+    "predict": {
+        "uncertainty": ("deferral_threshold", "target_accuracy"),
+        "conformal": ("score", "temperature", "randomized"),
+    },
 }
 
 
@@ -153,7 +167,8 @@ PER_IMAGE_IDENTITY = ("split", "n", "budget", "seed", "precision", "tta")  # wit
 def per_image_identity(audit: dict[str, Any]) -> dict[str, Any]:
     """The settings two audits' per-image figures must share to be paired: the images (fingerprint, split, n)
     and what drew the subsets (budget, seed), and how the model computed (precision, TTA)."""
-    return {**{k: audit.get(k) for k in PER_IMAGE_IDENTITY}, "fingerprint": (audit.get("data") or {}).get("fingerprint")}
+    fingerprint = (audit.get("data") or {}).get("fingerprint")
+    return {**{k: audit.get(k) for k in PER_IMAGE_IDENTITY}, "fingerprint": fingerprint}
 
 
 def write_per_image(run_dir: str | Path, check: str, tensors: dict[str, torch.Tensor], audit: dict[str, Any]) -> Path:

@@ -21,6 +21,7 @@ CHECK_MODULES = (
     "certify",
     "ood",
     "uncertainty",
+    "conformal",
     "explain",
     "fairness",
 )

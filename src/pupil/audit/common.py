@@ -52,6 +52,9 @@ class Check:
     quick: ClassVar[dict[str, Any]] = {}
     shortcuts: ClassVar[dict[str, str]] = {}
     """``pupil audit`` flags that set one of this check's settings: flag name -> setting (``--ood`` -> extra)."""
+    needs_val: ClassVar[bool] = False
+    """The check fits on the validation split: without one it is left out of the default list with a note (and,
+    asked for by name, refuses in one line)."""
     requires: ClassVar[tuple[str, ...]] = ()
     """Modules the check imports beyond pupil's core, and the pip extra that brings them."""
     extra: ClassVar[str] = ""
@@ -364,6 +367,10 @@ def run_audit(
     configs = {n: c.config(budget, settings.get(n)) for n, c in checks_run.items()}  # bad settings fail here too
     ctx = make_context(run_dir, device, budget, seed, data_dir, precision, max_memory)
     run_dir = ctx.run.dir
+    if ctx.val is None and not checks:
+        for n in [n for n, c in checks_run.items() if c.needs_val]:
+            del checks_run[n], configs[n]
+            skipped.append(f"skipped the {n} check: it calibrates on a validation split, and this run has none")
     audit = {
         "split": "test",
         "n": len(ctx.test),
