@@ -14,7 +14,7 @@ LAYERS = [
     {"data", "models", "robust"},
     {"runtime", "energy", "results", "metrics"},
     {"run", "predict"},
-    {"ood", "explain", "sources"},
+    {"ood", "explain", "sources", "conformal"},
     {"training"},
     {"audit", "report"},
     {"api"},

@@ -630,7 +630,12 @@ def _print_card(results: dict[str, Any]) -> None:
         u = h.get("unit", "")
         ci = f"{fmt(h['ci95'][0], u)} – {fmt(h['ci95'][1], u)}" if "ci95" in h else ""
         table.add_row(
-            s["title"], h["label"], fmt(h["value"], u), ci, grade(h, limits.get(name)), f"{s['runtime_s']:.1f} s"
+            s["title"],
+            h["label"],
+            fmt(h["value"], u),
+            ci,
+            grade(h, limits.get(name), s["summary"]),
+            f"{s['runtime_s']:.1f} s",
         )
     console.print(table)
 
