@@ -303,14 +303,22 @@ def _photos(p: dict, wall_s: float) -> list[str]:
     ]
 
 
-def audit_scale(data: dict) -> str:
-    """The renderer lives beside the measurement, in benchmarks/audit_scale.py."""
-    import importlib.util
+def _beside(script: str):
+    """A renderer that lives beside its measurement, in benchmarks/<script>.py (its ``readme_table``)."""
 
-    spec = importlib.util.spec_from_file_location("audit_scale", ROOT / "benchmarks" / "audit_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.readme_table(data)
+    def render(data: dict) -> str:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.readme_table(data)
+
+    return render
+
+
+audit_scale = _beside("audit_scale")
+card_fmnist = _beside("card_fmnist")
 
 
 TABLES = {
@@ -325,6 +333,7 @@ TABLES = {
     "audit_forward": audit_forward,
     "audit_scale": audit_scale,
     "audit_demos": audit_demos,
+    "card_fmnist": card_fmnist,
 }
 
 

@@ -227,3 +227,16 @@ def test_paired_rule_on_a_figure_the_paired_test_left_out_fails_with_the_reason(
     paired = {"figures": [], "not_compared": [{"figure": "accuracy.top1", "reason": "the two audits differ"}]}
     r = _judge("accuracy.headline >= base (paired)", paired=paired)
     assert not r["passed"] and r["detail"] == "no paired test of accuracy.top1: the two audits differ"
+
+
+def test_the_example_gate_file_in_the_readme_parses():
+    from tests.conftest import ROOT
+
+    rules = load_gates(ROOT / "examples" / "release_gates.yaml")
+    assert len(rules) == 7 and all(r.why for r in rules)
+    assert [r.text for r in rules if r.paired] == [
+        "accuracy.top1 >= base - 0.005 (paired)",
+        "calibration.ece <= base + 0.01 (paired)",
+        "corruption.mean_corrupted_top1 >= base - 0.02 (paired)",
+    ]
+    assert next(r for r in rules if r.attack).attack == ("pgd", 0.02)

@@ -405,6 +405,6 @@ def notes(
             f"coverage under corruption (severity {shift['severity']}, {shift['n']} class-stratified test images, "
             f"the same draws of u): corrupted images are not exchangeable with the validation split, so the "
             f"guarantee no longer holds; the largest drop at {ref:.0%} ({NAMES[best]}) is {worst['corruption']}'s "
-            f"({worst['drop']:+.3f}, to {worst['coverage']:.3f})"
+            f"(down {100 * worst['drop']:.1f} points, to {worst['coverage']:.1%})"
         )
     return out
