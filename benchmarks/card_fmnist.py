@@ -135,7 +135,9 @@ def readme_table(data: dict) -> str:
         "",
         f"**Paired comparison** of `{new}` ({data['new']['model']}, trained under Gaussian pixel noise) against "
         f"`{base}` on the same test images: `pupil compare runs/{base} runs/{new} --gate {data['gate_file']}` "
-        f"({p['n_bootstrap']:,} paired bootstrap replicates, Holm-corrected over {len(p['figures'])} figures).",
+        f"({p['n_bootstrap']:,} paired bootstrap replicates, Holm-corrected over {len(p['figures'])} figures; "
+        f"with {p['n_bootstrap']:,} replicates the smallest bootstrap p-value is 2/{p['n_bootstrap'] + 1:,}, so "
+        f"{2 / (p['n_bootstrap'] + 1):.3f} means every replicate agreed on the sign).",
         "",
         "| figure | base | new | difference (95% CI) | p | p (Holm) | verdict | test |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",

@@ -294,7 +294,7 @@ def test_compare_gate_from_the_cli_exits_1_on_the_planted_regression(runs, tmp_p
     assert main([*args, str(runs["base"]), str(runs["worse"])]) == 1
     out = capsys.readouterr().out
     assert "FAIL accuracy.top1 >= base - 0.005 (paired)" in out and "PASS calibration.ece <= 1.0" in out
-    assert "worse" in out  # the paired table's verdict column
+    assert "worse" in out and "paired tests, worse against base" in out  # the paired table, its verdict column
     assert json.loads((tmp_path / "c1" / "leaderboard.json").read_text())["gate"]["passed"] is False
     same = _copy(runs, "same_cli")  # the same weights, audited alike: the gate passes
     run_audit(same, CHECKS, device="cpu", settings=TINY)

@@ -566,7 +566,8 @@ def compare_cmd(
 def _print_paired(paired: dict[str, Any]) -> None:
     from pupil.report.render import fmt
 
-    table = Table(title=f"paired tests, {paired['new']} against {paired['base']} (same test images, Holm-corrected)")
+    new, base = paired["new"]["name"], paired["base"]["name"]
+    table = Table(title=f"paired tests, {new} against {base} (same test images, Holm-corrected)")
     for col in ("figure", "base", "new", "difference", "95% CI", "p", "p (Holm)", "verdict"):
         table.add_column(col)
     for f in paired["figures"]:
