@@ -17,7 +17,7 @@ LAYERS = [
     {"ood", "explain", "sources", "conformal"},
     {"training"},
     {"audit", "report"},
-    {"api"},
+    {"api", "serve"},
     {"cli", "__init__"},
     {"__main__"},
 ]

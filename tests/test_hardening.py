@@ -192,7 +192,9 @@ def test_inferred_classes_are_printed_before_training(tmp_path, capsys):
 
 # 4. usage errors: the usage line and exit 2, never a traceback ------------------------------------------------
 
-COMMANDS = ["train", "eval", "predict", "explain", "models", "audit", "report", "compare", "data show", "data corrupt"]
+COMMANDS = [
+    "train", "eval", "predict", "explain", "models", "audit", "report", "compare", "serve", "data show", "data corrupt"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -192,6 +192,47 @@ def _deferral_threshold(run: str, value: str | None) -> float | None:
     return t
 
 
+@app.command("serve")
+def serve_cmd(
+    runs: Annotated[list[str], typer.Argument(help="Run directories to serve (each under its run name).")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the service on this machine.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images in one forward pass (dynamic batching).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest a request waits for others to share its batch.")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body; larger ones get 413.")] = 8.0,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File holding the API key requests must send (X-API-Key or Bearer).")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="Seconds before a request gets 504.")] = 10.0,
+    threads: Annotated[int, typer.Option(help="Torch threads for inference (0: cores - 1).")] = 0,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve runs over HTTP with a web page: predictions with calibrated probabilities, OOD flags, deferral,
+    conformal sets and explanations; /healthz, /readyz and Prometheus /metrics. Ctrl-C finishes the requests in
+    flight, then stops."""
+    from pupil.serve import serve_command_main
+
+    serve_command_main(
+        runs,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_mb=max_upload_mb,
+        api_key_file=api_key_file,
+        device=device,
+        timeout_s=timeout_s,
+        max_images=max_images,
+        threads=threads,
+        access_log=access_log,
+        log=lambda line: console.print(line, markup=False),
+    )
+
+
 @app.command("explain")
 def explain_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory.")],

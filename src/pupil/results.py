@@ -81,6 +81,12 @@ CONSUMED: dict[str, dict[str, tuple[str, ...]]] = {
         "uncertainty": ("deferral_threshold", "target_accuracy"),
         "conformal": ("score", "temperature", "randomized"),
     },
+    "serve": {
+        "calibration": ("temperature",),
+        "uncertainty": ("deferral_threshold", "target_accuracy"),
+        "ood": ("score", "mean_fpr95"),
+        "conformal": ("score", "temperature", "randomized"),
+    },
 }
 
 

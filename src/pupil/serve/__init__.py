@@ -1,0 +1,244 @@
+"""``pupil serve``: an HTTP service and a web page over audited runs, built on FastAPI and uvicorn.
+
+Each prediction carries what the audit measured: temperature-scaled probabilities, an OOD score with the flag at
+the audit's 95%-TPR threshold, the deferral decision at the uncertainty check's threshold, and a conformal set
+(``pupil.serve.models``). Concurrent requests share forward passes (``pupil.serve.batching``); the routes, the
+guard in front of them and the metrics are in ``pupil.serve.app``; the page is ``templates/index.html``.
+
+``serve_command_main`` is what the command line calls: it checks every setting, binds the socket and loads and
+warms up every model *before* the server accepts a connection, so any problem is one PupilError line and never
+a half-ready server. ``prepare`` does all of that and returns the server unstarted (the tests run it in a thread).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pupil.errors import PupilError
+
+if TYPE_CHECKING:
+    from pupil.serve.app import Settings
+
+NEEDS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
+MIN_KEY_CHARS = 16
+LOOPBACK_NAMES = ("localhost",)
+
+
+def serve_command_main(
+    runs: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    max_upload_mb: float = 8.0,
+    api_key_file: str | Path | None = None,
+    device: str = "auto",
+    timeout_s: float = 10.0,
+    max_images: int = 16,
+    threads: int = 0,
+    access_log: bool = False,
+    log_level: str = "info",
+    log: Callable[[str], Any] = print,
+) -> None:
+    """Serve ``runs`` (run directories) until Ctrl-C or SIGTERM, then finish the requests in flight and return.
+
+    Raises PupilError (one line) for every problem found before the server listens: a bad setting, a missing
+    package, an API key file that is missing, empty or holds a short key, a host that is not an address of this
+    machine, a port in use, a run that fails to load or to warm up.
+    """
+    server, sock, url = prepare(
+        runs,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_mb=max_upload_mb,
+        api_key_file=api_key_file,
+        device=device,
+        timeout_s=timeout_s,
+        max_images=max_images,
+        threads=threads,
+        access_log=access_log,
+        log_level=log_level,
+        log=log,
+    )
+    log(f"serving {len(runs)} model{'s' if len(runs) > 1 else ''} at {url} (Ctrl-C stops after the requests in flight)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise PupilError("the server did not start; see the messages above")
+
+
+def prepare(
+    runs: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    max_upload_mb: float = 8.0,
+    api_key_file: str | Path | None = None,
+    device: str = "auto",
+    timeout_s: float = 10.0,
+    max_images: int = 16,
+    threads: int = 0,
+    access_log: bool = False,
+    log_level: str = "info",
+    log: Callable[[str], Any] = print,
+):
+    """Everything ``serve_command_main`` does before serving: returns ``(uvicorn.Server, bound socket, url)``;
+    ``server.run(sockets=[sock])`` then serves (``port=0`` binds a free port)."""
+    if not runs:
+        raise PupilError("give at least one run directory to serve")
+    require()
+    settings = _settings(max_batch, max_wait_ms, max_upload_mb, timeout_s, max_images, host, api_key_file)
+    if not 0 <= port <= 65535:
+        raise PupilError(f"--port must be from 0 to 65535, not {port}")
+    if threads < 0:
+        raise PupilError(f"--threads must be 0 (automatic) or more, not {threads}")
+    import torch
+    import uvicorn
+
+    from pupil.runtime import resolve_device
+    from pupil.serve.app import create_app
+    from pupil.serve.models import load_served
+
+    dev = resolve_device(device)
+    sock = bind(host, port)
+    try:
+        # One core stays with the event loop (HTTP parsing, decoding); the inference thread takes the rest.
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        models, names = [], {}
+        for run in runs:
+            served = load_served(run, dev, warm_batch=max_batch)
+            if served.name in names:
+                raise PupilError(f"{run} and {names[served.name]} are both named {served.name}: serve distinct names")
+            names[served.name] = run
+            models.append(served)
+        app = create_app(models, settings)
+    except BaseException:
+        sock.close()
+        raise
+    # Everything loaded so far (torch, the models: some 400,000 objects) lives as long as the server: frozen out of
+    # the cyclic garbage collector, whose full passes over it took about 180 ms, stalling every request in flight.
+    gc.collect()
+    gc.freeze()
+    if not settings.api_keys and not _loopback(host):
+        log(f"warning: listening on {host} without --api-key-file: anyone who can reach this machine can use it")
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=int(timeout_s) + 5,  # in-flight requests end by their own timeout first
+        server_header=False,
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return uvicorn.Server(config), sock, f"http://{shown}:{bound_port}/"
+
+
+def require() -> None:
+    """One line naming the missing packages and the pip command, when the serve extra is not installed."""
+    import importlib.util
+
+    if gone := [pkg for mod, pkg in NEEDS.items() if importlib.util.find_spec(mod) is None]:
+        raise PupilError(f"pupil serve needs {', '.join(gone)}: pip install 'pupil[serve]'")
+
+
+def _settings(
+    max_batch: int,
+    max_wait_ms: float,
+    max_upload_mb: float,
+    timeout_s: float,
+    max_images: int,
+    host: str,
+    api_key_file: str | Path | None,
+) -> Settings:
+    from pupil.serve.app import Settings
+
+    checks = [
+        (max_batch >= 1, f"--max-batch must be at least 1, not {max_batch}"),
+        (max_wait_ms >= 0, f"--max-wait-ms must be 0 or more, not {max_wait_ms:g}"),
+        (max_upload_mb > 0, f"--max-upload-mb must be positive, not {max_upload_mb:g}"),
+        (timeout_s > 0, f"--timeout-s must be positive, not {timeout_s:g}"),
+        (max_images >= 1, f"--max-images must be at least 1, not {max_images}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PupilError(message)
+    keys = read_api_keys(api_key_file) if api_key_file is not None else ()
+    # Bound to loopback, the server answers only for loopback host names, so a web page elsewhere cannot reach
+    # it through DNS rebinding; bound wider, any Host (the API key is the guard there).
+    hosts = ("127.0.0.1", "localhost", "[::1]", host) if _loopback(host) else None
+    return Settings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_images=max_images,
+        timeout_s=timeout_s,
+        api_keys=keys,
+        allowed_hosts=hosts,
+    )
+
+
+def read_api_keys(path: str | Path) -> tuple[str, ...]:
+    """The keys in ``path``: one per line; blank lines and lines starting with # are skipped. Each must be at
+    least 16 printable ASCII characters without spaces (it travels in an HTTP header)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PupilError(f"--api-key-file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PupilError(f"--api-key-file {path} cannot be read: {e}") from None
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise PupilError(f"--api-key-file {path} holds no key (one per line)")
+    for n, key in enumerate(keys, 1):
+        if not (key.isascii() and key.isprintable()) or " " in key or "\t" in key:
+            raise PupilError(f"--api-key-file {path}: key {n} must be printable ASCII without spaces")
+        if len(key) < MIN_KEY_CHARS:
+            raise PupilError(f"--api-key-file {path}: key {n} has {len(key)} characters; use at least {MIN_KEY_CHARS}")
+    return tuple(keys)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; one line for a bad host or a port in use."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise PupilError(f"--host {host!r} is not a valid host name or address ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free; one in use is not
+        sock.bind(address)
+        sock.set_inheritable(True)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PupilError(f"port {port} on {host} is in use: stop what uses it or give another --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise PupilError(f"--host {host} is not an address of this machine") from None
+        if e.errno == errno.EACCES:
+            raise PupilError(f"no permission to listen on port {port} (ports below 1024 need privileges)") from None
+        raise PupilError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

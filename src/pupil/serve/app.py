@@ -1,0 +1,618 @@
+"""The HTTP service: FastAPI routes over the served models, one batcher per model, a guard in front, metrics.
+
+Routes (``create_app``):
+
+    GET  /                            the web page (one template, plain JS, nothing fetched from elsewhere)
+    GET  /healthz                     liveness: the process answers
+    GET  /readyz                      readiness: every model loaded and warmed up, not shutting down (else 503)
+    GET  /metrics                     Prometheus text format
+    GET  /v1/models                   {"models": [entry, ...]}; entry: ``Served.describe``
+    GET  /v1/models/{name}            one entry
+    GET  /v1/models/{name}/report     the run's report.html, sandboxed by its Content-Security-Policy
+    POST /v1/models/{name}/predict    images -> top-k, OOD score and flag, deferral, conformal set
+    POST /v1/models/{name}/explain    one image -> overlay PNG (Grad-CAM, or occlusion for a model without one)
+
+Uploads: ``multipart/form-data`` (each file part is an image), ``application/json`` (``{"images": [base64, ...]}``
+or ``{"image": base64}``; data URIs accepted) or the raw bytes with an ``image/*`` content type.
+
+The guard (``Guard``, plain ASGI, in front of every route) answers before the route reads anything: 401 without
+the API key (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``) on every route but the page and the health
+checks; 400 for a Host header the server was not bound for (DNS rebinding, when bound to loopback); 413 when
+Content-Length exceeds the upload limit, or as soon as a streamed body passes it (bytes are counted as they
+arrive, so an oversized body is never held); 504 when predict or explain takes longer than ``timeout_s``,
+reading the body included. It also counts every request for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from pupil.serve.batching import Batcher, Busy, Closed
+from pupil.serve.models import DEFAULT_LEVEL, EXPLAIN_METHODS, MAX_PIXELS, BadUpload, Served, open_upload, to_pixels
+
+log = logging.getLogger("pupil.serve")
+PAGE = Path(__file__).with_name("templates") / "index.html"
+INLINE_PIXELS = 256 * 256  # uploads up to this size are decoded by the inference thread; larger ones in a decode thread
+OPEN = frozenset({"page", "healthz", "readyz"})  # reachable without the API key
+TIMED = frozenset({"predict", "explain"})
+HOT = ("/v1/models/{name}/predict", "/v1/models/{name}/explain")
+FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)  # a file part's Content-Disposition parameter
+FIXED = {"/": "page", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/models": "models"}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PAGE_CSP = (
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# The report card is pupil's own self-contained HTML (inline styles, scripts and images); sandboxed, its scripts
+# run without this origin, so they cannot call the API with the visitor's key.
+REPORT_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "sandbox allow-scripts allow-popups"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the service batches, what it accepts and whom it answers."""
+
+    max_batch: int = 32
+    """Images per forward pass at most."""
+    max_wait_ms: float = 5.0
+    """How long an idle model waits for more requests that are already arriving."""
+    max_upload_bytes: int = 8 << 20
+    """Request bodies larger than this get 413."""
+    max_images: int = 16
+    """Images per predict request at most."""
+    max_pixels: int = MAX_PIXELS
+    """Decoded size (width x height) an upload may have."""
+    timeout_s: float = 10.0
+    """Predict and explain requests still unanswered after this get 504."""
+    api_keys: tuple[str, ...] = ()
+    """Keys one of which every request but the page and the health checks must carry; none: no check."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host header values (without port) the server answers; None: any."""
+    max_queue: int = 1024
+    """Images waiting per model beyond which predict answers 503."""
+    top: int = 5
+    """Classes per prediction unless the request asks ``?top=``."""
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_images < 1 or self.max_upload_bytes < 1 or self.max_pixels < 1:
+            raise ValueError("max_batch, max_images, max_upload_bytes and max_pixels must be positive")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+
+
+class Metrics:
+    """The Prometheus series, in a registry of their own (two apps in one process do not collide)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "pupil_serve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.errors = Counter("pupil_serve_errors", "Responses with status >= 400", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "pupil_serve_request_seconds", "Time to answer a request", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch = Histogram(
+            "pupil_serve_batch_size", "Images per forward pass", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.images = Counter("pupil_serve_images", "Images predicted", ["model"], registry=r)
+        self.deferrals = Counter("pupil_serve_deferrals", "Images deferred to a human", ["model"], registry=r)
+        self.ood = Counter("pupil_serve_ood_flags", "Images flagged as out of distribution", ["model"], registry=r)
+
+
+def endpoint(path: str) -> str:
+    """The route a path belongs to (a bounded label for the metrics): page, predict, report..., or other."""
+    if path in FIXED:
+        return FIXED[path]
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] == "models":
+        if len(parts) == 4:
+            return "model"
+        if len(parts) == 5 and parts[4] in ("predict", "explain", "report"):
+            return parts[4]
+    return "other"
+
+
+async def reply(send: Callable, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON error response {"detail": ...} sent straight to the ASGI server."""
+    body = json.dumps({"detail": detail}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """API key, Host header, upload limit, request timeout and request metrics, in front of every route."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = [k.encode() for k in settings.api_keys]
+        self.hosts = None if settings.allowed_hosts is None else {h.lower() for h in settings.allowed_hosts}
+        self.series: dict[tuple[str, int], tuple] = {}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        name, t0, status = endpoint(scope["path"]), time.perf_counter(), [0]
+
+        async def send_(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        try:
+            refusal = self.refuse(scope, name)
+            if refusal is not None:
+                await reply(send_, *refusal)
+            elif name in TIMED:
+                await self.timed(scope, self.counted(receive), send_, status)
+            else:
+                await self.app(scope, self.counted(receive), send_)
+        finally:
+            self.count(name, status[0] or 500, time.perf_counter() - t0)
+
+    def count(self, name: str, status: int, seconds: float) -> None:
+        """One request in the metrics (each label set's series looked up once, then kept)."""
+        series = self.series.get((name, status))
+        if series is None:
+            m, code = self.metrics, str(status)
+            errors = m.errors.labels(name, code) if status >= 400 else None
+            series = self.series[name, status] = (m.requests.labels(name, code), errors, m.latency.labels(name))
+        series[0].inc()
+        if series[1] is not None:
+            series[1].inc()
+        series[2].observe(seconds)
+
+    async def timed(self, scope: dict, receive: Callable, send: Callable, status: list[int]) -> None:
+        import anyio
+
+        async def shielded(message: dict) -> None:  # a response once begun is sent whole, deadline or not
+            with anyio.CancelScope(shield=True):
+                await send(message)
+
+        try:
+            with anyio.fail_after(self.settings.timeout_s):
+                await self.app(scope, receive, shielded)
+        except TimeoutError:
+            if not status[0]:
+                await reply(send, 504, f"no answer within {self.settings.timeout_s:g} s", [(b"connection", b"close")])
+
+    def refuse(self, scope: dict, name: str) -> tuple[int, str, list] | None:
+        """(status, detail, headers) when the request is refused before the route runs, else None."""
+        headers = dict(scope["headers"])  # lower-cased names (ASGI)
+        if self.hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port
+            if host not in self.hosts:
+                return 400, f"this server does not answer for host {host[:100]!r}", []
+        if self.keys and name not in OPEN and not self.authorised(headers):
+            return (
+                401,
+                "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return 400, "invalid Content-Length", [(b"connection", b"close")]
+            if int(length) > self.settings.max_upload_bytes:
+                return 413, self.too_large(), [(b"connection", b"close")]
+        return None
+
+    def authorised(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key")
+        if given is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            given = token.strip() if scheme.lower() == b"bearer" else None
+        # compare_digest against every key, so the time taken does not tell which key nearly matched
+        return given is not None and sum(hmac.compare_digest(given, k) for k in self.keys) > 0
+
+    def too_large(self) -> str:
+        return f"the request body is over this server's limit of {self.settings.max_upload_bytes / 2**20:g} MiB"
+
+    def counted(self, receive: Callable) -> Callable:
+        """``receive`` that counts body bytes and raises 413 as soon as they pass the limit."""
+        from starlette.exceptions import HTTPException
+
+        seen, limit = 0, self.settings.max_upload_bytes
+
+        async def receive_() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, self.too_large(), headers={"connection": "close"})
+            return message
+
+        return receive_
+
+
+@dataclass
+class Work:
+    """One predict request as the batch sees it."""
+
+    images: list[Any]
+    """Each image opened (header read, pixels not yet decoded: the inference thread decodes small ones, which
+    takes that work off the event loop) or already decoded to (C, H, W) uint8 (large ones, in a decode thread)."""
+    top: int
+    level: float | None
+
+
+@dataclass
+class State:
+    models: dict[str, Served]
+    settings: Settings
+    metrics: Metrics
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    executor: ThreadPoolExecutor | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+
+
+def run_batch(served: Served, works: list[Work]) -> list[Any]:
+    """Decode what is left to decode, one forward pass over every request's images, then each request's answers
+    (or the error it gets: a corrupt image, non-finite logits)."""
+    out: list[Any] = [None] * len(works)
+    arrays: list[np.ndarray] = []
+    spans: list[tuple[int, int, int]] = []  # (request, first row, rows)
+    for j, w in enumerate(works):
+        try:
+            px = [_pixels_of(im, served, i, len(w.images)) for i, im in enumerate(w.images)]
+        except BadUpload as e:
+            out[j] = e
+            continue
+        spans.append((j, len(arrays), len(px)))
+        arrays += px
+    if not arrays:
+        return out
+    logits = served.logits(np.stack(arrays))
+    rows = [(works[j], n) for j, _, n in spans]
+    top = [w.top for w, n in rows for _ in range(n)]
+    levels = [w.level for w, n in rows for _ in range(n)]
+    answers = served.answer(logits, [a.tobytes() for a in arrays], top, levels)
+    finite = torch.isfinite(logits).all(1).tolist()
+    for j, start, n in spans:
+        if not all(finite[start : start + n]):
+            out[j] = RuntimeError("the model produced non-finite logits for this image")
+        else:
+            level = works[j].level
+            out[j] = (answers[start : start + n], served.conformal_info(level) if level is not None else None)
+    return out
+
+
+def _pixels_of(image: Any, served: Served, i: int, n: int) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    try:
+        return to_pixels(image, served.mode, served.side)
+    except BadUpload as e:
+        raise BadUpload(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
+
+
+def create_app(models: list[Served], settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (loaded and warmed up by ``load_served``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    settings = settings or Settings()
+    by_name = {m.name: m for m in models}
+    if len(by_name) != len(models):
+        raise ValueError("two served models share a name")
+    state = State(by_name, settings, Metrics())
+    page = PAGE.read_text()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.executor = ThreadPoolExecutor(1, "pupil-infer")  # one inference thread: batches never compete
+        state.decode_pool = ThreadPoolExecutor(2, "pupil-decode")  # large uploads, decoded off the event loop
+        for name, served in by_name.items():
+            observe = state.metrics.batch.labels(name).observe
+            b = Batcher(
+                lambda works, s=served: run_batch(s, works),
+                state.executor,
+                settings.max_batch,
+                settings.max_wait_ms / 1000,
+                settings.max_queue,
+                observe,
+            )
+            b.start()
+            state.batchers[name] = b
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False  # readyz says 503 from here on; uvicorn has already stopped accepting
+            for b in state.batchers.values():
+                await b.close()
+            state.executor.shutdown(wait=True)
+            state.decode_pool.shutdown(wait=True)
+
+    # No /docs (its page loads scripts from a CDN) and no /openapi.json (predict and explain are plain routes, so it
+    # would describe half the API); the module docstring is the reference.
+    app = FastAPI(title="pupil serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, settings=settings, metrics=state.metrics)
+    app.state.pupil = state
+
+    def find(name: str) -> Served:
+        if name not in by_name:
+            raise HTTPException(404, f"no model named {name[:100]!r}; this server has {', '.join(by_name)}")
+        return by_name[name]
+
+    def json_response(body: Any, status: int = 200) -> Response:
+        return Response(json.dumps(body), status, media_type="application/json")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        nonce = secrets.token_urlsafe(16)
+        csp = PAGE_CSP.format(nonce=nonce)
+        return HTMLResponse(page.replace("__NONCE__", nonce), headers={"content-security-policy": csp})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = state.ready and len(state.batchers) == len(by_name)
+        return json_response({"ready": ready, "models": list(by_name)}, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response({"models": [m.describe() for m in by_name.values()]})
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str) -> Response:
+        return json_response(find(name).describe())
+
+    @app.get("/v1/models/{name}/report")
+    async def report(name: str) -> Response:
+        served = find(name)
+        path = served.report  # a fixed file name inside the run directory: nothing of the URL reaches the path
+        if path is None:
+            raise HTTPException(404, f"{name} has no report card: run `pupil report` on its run directory")
+        return FileResponse(path, media_type="text/html", headers={"content-security-policy": REPORT_CSP})
+
+    async def predict(request: Request) -> Response:
+        name = request.path_params["name"]
+        served = find(name)
+        top, level = _top(request, served, settings), _level(request, served)
+        batcher = state.batchers.get(name)
+        if batcher is None:
+            raise HTTPException(503, "the server is not ready")
+        with batcher.arriving():
+            blobs = await _uploads(request, settings.max_images)
+            images = [await _open(state, served, b, i, len(blobs), large_only=True) for i, b in enumerate(blobs)]
+        try:
+            future = batcher.submit(len(images), Work(images, top, level))
+        except Closed as e:
+            raise HTTPException(503, str(e)) from None
+        except Busy as e:
+            raise HTTPException(503, str(e), headers={"retry-after": "1"}) from None
+        try:
+            answers, conformal = await future
+        except BadUpload as e:  # found while decoding (a truncated file passes the header check)
+            raise HTTPException(e.status, str(e)) from None
+        except Exception as e:  # the model failed on the batch, or gave non-finite logits for these images
+            log.error("predict on %s failed: %s", name, e)
+            raise HTTPException(
+                500, f"inference failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+            ) from None
+        m = state.metrics
+        m.images.labels(name).inc(len(answers))
+        if deferred := sum(a["deferral"]["deferred"] for a in answers):
+            m.deferrals.labels(name).inc(deferred)
+        if flagged := sum(bool(a["ood"]["flagged"]) for a in answers):
+            m.ood.labels(name).inc(flagged)
+        body = {
+            "model": served.name,
+            "version": served.version,
+            "calibration": {"temperature": served.temperature, "audited": served.temperature_audited},
+            "ood": {"score": served.ood.score, "threshold": served.ood.threshold},
+            "deferral": {"threshold": served.deferral_threshold, "target_accuracy": served.target_accuracy},
+            "conformal": conformal,
+            "predictions": answers,
+        }
+        return json_response(body)
+
+    async def explain(request: Request) -> Response:
+        name = request.path_params["name"]
+        served = find(name)
+        method = request.query_params.get("method", served.explain_method)
+        if method not in EXPLAIN_METHODS:
+            raise HTTPException(400, f"method must be one of {', '.join(EXPLAIN_METHODS)}, not {method[:50]!r}")
+        target = _target(request, served)
+        blobs = await _uploads(request, 1)
+        pixels = await _open(state, served, blobs[0], 0, 1, large_only=False)
+        loop = asyncio.get_running_loop()
+        try:
+            png, pred, explained = await loop.run_in_executor(state.executor, served.explain, pixels, method, target)
+        except RuntimeError as e:  # an executor shut down, or the method failed on this model
+            raise HTTPException(503 if "shutdown" in str(e) else 500, f"explanation failed: {e}") from None
+        except Exception as e:
+            raise HTTPException(500, f"explanation failed: {str(e).splitlines()[0][:200]}") from None
+        headers = {
+            "x-predicted-class": quote(served.classes[pred]),
+            "x-explained-class": quote(served.classes[explained]),
+            "x-method": method,
+            "cache-control": "no-store",
+        }
+        return Response(png, media_type="image/png", headers=headers)
+
+    # Plain Starlette routes: these two read everything from the request themselves, so FastAPI's parameter
+    # resolution would only add work to the hot path; they are matched first.
+    app.add_route("/v1/models/{name}/predict", predict, methods=["POST"], include_in_schema=False)
+    app.add_route("/v1/models/{name}/explain", explain, methods=["POST"], include_in_schema=False)
+    app.router.routes.sort(key=lambda r: getattr(r, "path", "") not in HOT)  # a stable sort
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def _top(request: Request, served: Served, settings: Settings) -> int:
+    raw = request.query_params.get("top")
+    if raw is None:
+        return min(settings.top, len(served.classes))
+    if not raw.isdigit() or not 1 <= int(raw) <= len(served.classes):
+        raise HTTPException(400, f"top must be a whole number from 1 to {len(served.classes)}, not {raw[:20]!r}")
+    return int(raw)
+
+
+def _level(request: Request, served: Served) -> float | None:
+    """The conformal level: ``?conformal=0.9``, ``?conformal=off``, or 0.95 when the run was audited for it."""
+    raw = request.query_params.get("conformal")
+    if raw is None:
+        return DEFAULT_LEVEL if served.conformal is not None else None
+    if raw.lower() in ("off", "none", "0"):
+        return None
+    if served.conformal is None:
+        raise HTTPException(400, f"{served.name} has no conformal calibration: audit it with the conformal check")
+    try:
+        level = float(raw)
+    except ValueError:
+        level = float("nan")
+    if not 0 < level < 1:
+        raise HTTPException(400, f"conformal takes a coverage level between 0 and 1 (e.g. 0.9), not {raw[:20]!r}")
+    return round(level, 6)  # a bounded number of distinct calibrations
+
+
+def _target(request: Request, served: Served) -> int | None:
+    raw = request.query_params.get("target")
+    if raw is None:
+        return None
+    if raw in served.classes:
+        return served.classes.index(raw)
+    if raw.isdigit() and int(raw) < len(served.classes):
+        return int(raw)
+    raise HTTPException(400, f"unknown class {raw[:100]!r}; give a class name or an index below {len(served.classes)}")
+
+
+async def _uploads(request: Request, most: int) -> list[bytes]:
+    """The uploaded images' bytes (at most ``most``), from a multipart form, base64 JSON or a raw image body.
+    The guard has already bounded the body's size, so it is read whole."""
+    kind, _, params = request.headers.get("content-type", "").partition(";")
+    kind = kind.strip().lower()
+    if kind == "multipart/form-data":
+        blobs = multipart_files(await request.body(), params, most)
+    elif kind == "application/json":
+        blobs = _base64_images(await request.body(), most)
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        blobs = [await request.body()]
+    else:
+        raise HTTPException(
+            415,
+            f"unsupported content type {kind[:60]!r}: send multipart/form-data, JSON with base64 images, or the "
+            "image bytes with an image/* content type",
+        )
+    if len(blobs) > most:
+        raise HTTPException(400, f"at most {most} image{'s' if most > 1 else ''} per request, not {len(blobs)}")
+    return blobs
+
+
+def multipart_files(body: bytes, params: str, most: int) -> list[bytes]:
+    """The contents of the file parts (those whose Content-Disposition names a filename) of a multipart/form-data
+    body (RFC 7578, RFC 2046 section 5.1.1); other fields are ignored. ``params``: the content type's parameters.
+
+    Written here rather than through python-multipart, whose byte-by-byte streaming parser was the largest single
+    cost of the event loop in a profile of the predict path (the body is bounded and already read whole here); the
+    tests compare the two on the bodies clients send."""
+    boundary = next(
+        (v for k, _, v in (p.strip().partition("=") for p in params.split(";")) if k.lower() == "boundary"), ""
+    )
+    boundary = boundary.strip().strip('"')
+    if not 0 < len(boundary) <= 200 or not boundary.isascii():  # RFC 2046: 1 to 70 ASCII characters
+        raise HTTPException(400, "multipart/form-data without a valid boundary parameter")
+    delimiter = b"--" + boundary.encode("latin-1")
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise HTTPException(400, "malformed multipart body: no boundary line")
+    pos += len(delimiter)
+    files: list[bytes] = []
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
+        line_end = body.find(b"\r\n", pos)  # the rest of the delimiter line (transport padding)
+        head_end = body.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+        end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
+        if end < 0:
+            raise HTTPException(400, "malformed or truncated multipart body")
+        for line in body[line_end + 2 : head_end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-disposition" and FILENAME.search(value):
+                files.append(body[head_end + 4 : end])
+                break
+        if len(files) > most:
+            raise HTTPException(400, f"at most {most} image{'s' if most > 1 else ''} per request")
+        pos = end + 2 + len(delimiter)
+    if not files:
+        raise HTTPException(400, "the form holds no image file (send one as a file part: -F image=@photo.png)")
+    return files
+
+
+def _base64_images(body: bytes, most: int) -> list[bytes]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise HTTPException(400, "the body is not valid JSON") from None
+    if isinstance(doc, dict) and isinstance(doc.get("image"), str):
+        items = [doc["image"]]
+    elif isinstance(doc, dict) and isinstance(doc.get("images"), list):
+        items = doc["images"]
+    else:
+        raise HTTPException(400, 'send {"images": [base64, ...]} or {"image": base64}')
+    if not items or len(items) > most:
+        raise HTTPException(400, f"send 1 to {most} images per request, not {len(items)}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise HTTPException(400, f"image {i + 1} is not a base64 string")
+        text = item.split(",", 1)[1] if item.startswith("data:") else item
+        try:
+            out.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, f"image {i + 1} is not valid base64") from None
+    return out
+
+
+async def _open(state: State, served: Served, data: bytes, i: int, n: int, large_only: bool) -> Any:
+    """One upload, its header checked (an image, within the pixel limit): decoded to (C, H, W) uint8 in a decode
+    thread when it is large, else (``large_only``) left opened for the inference thread or decoded here."""
+    try:
+        im = open_upload(data, state.settings.max_pixels)
+        if im.width * im.height <= INLINE_PIXELS:
+            return im if large_only else to_pixels(im, served.mode, served.side)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(state.decode_pool, to_pixels, im, served.mode, served.side)
+    except BadUpload as e:
+        raise HTTPException(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None

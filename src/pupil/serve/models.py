@@ -1,0 +1,437 @@
+"""A served model: a run directory loaded once, with what its audit measured, and uploads decoded to its input.
+
+What the audit stored (results.json's summaries, read through ``pupil.results.consumed(results, "serve", ...)``,
+and the per-image files beside it) becomes four rules applied to every prediction, all vectorised over a batch's
+logits (B, K):
+
+- **Probabilities** are softmax(logits / T) with the temperature the calibration check fitted on the validation
+  split (Guo et al. 2017); T = 1, flagged as not audited, when the check did not run or had no validation split.
+- **Deferral**: an image goes to a human when its plain softmax confidence (T = 1, what the uncertainty check
+  fitted its threshold on) is below the uncertainty check's ``deferral_threshold``, or when it looks out of
+  distribution.
+- **OOD**: the ood check's headline score (msp, max_logit or energy: higher = more in-distribution) with the
+  threshold at 95% TPR on the audit's in-distribution test images: the 5th percentile of their scores, read from
+  the check's per-image file. 95% of test images score at or above it, and the check's ``mean_fpr95`` is the
+  share of its OOD images that also do, so the flag is the operating point the audit's FPR@95TPR describes.
+- **Conformal sets** at a coverage level (0.95 unless the request asks another) from the conformal check's
+  stored validation logits (``pupil.conformal.calibrate``, once per level, cached); randomized sets draw u from a
+  hash of the decoded pixels (``uniforms_for``), so an image gets the same set as ``pupil predict --conformal``
+  gives it, in any batch.
+
+Uploads are decoded as ``pupil.data.images.read_images`` decodes files (the same steps, in the same order, on
+bytes instead of a path), so the service and ``pupil predict`` see the same pixels; the header is read first, so
+that an image over the pixel limit is refused before a byte of it is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pupil.errors import PupilError
+
+DEFAULT_LEVEL = 0.95
+OOD_TPR = 0.95  # the share of in-distribution test images the OOD threshold keeps
+LOGIT_SCORES = ("msp", "max_logit", "energy")  # OOD scores computed from the logits alone
+MAX_PIXELS = 4096 * 4096  # our own limit on an upload's decoded size, below PIL's decompression-bomb limit
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "occlusion", "integrated_gradients")  # fast enough for a request
+CACHED_LEVELS = 32  # conformal calibrations kept per model (one per coverage level asked for)
+
+
+class BadUpload(Exception):
+    """An upload the service refuses: ``status`` (400, 413 or 415) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding uploads
+
+
+def open_upload(data: bytes, max_pixels: int = MAX_PIXELS):
+    """The upload opened by PIL, header only (no pixels decoded yet); refused when it is not an image or would
+    decode to more than ``max_pixels`` pixels (ours) or past PIL's decompression-bomb limit."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadUpload(400, "the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadUpload(
+            413, f"refused: over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+        ) from None
+    except UnidentifiedImageError:
+        raise BadUpload(
+            415, "not an image: PIL cannot identify the data (send PNG, JPEG, WebP, GIF, BMP or TIFF)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadUpload(400, f"unreadable image ({e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise BadUpload(413, f"refused: the image is {w}x{h} pixels, over this server's limit of {max_pixels:,}")
+    return im
+
+
+def to_pixels(im, mode: str, side: int) -> np.ndarray:
+    """Decode an opened upload to ``mode`` ("L" or "RGB") at ``side`` x ``side``: (C, H, W) uint8, C-contiguous.
+
+    The steps of ``pupil.data.images._decode``, in its order: JPEG draft, EXIF rotation, bit depth rescaled,
+    alpha dropped, mode converted, bilinear resize with ``reducing_gap=3``."""
+    from PIL import Image, ImageOps
+
+    from pupil.data.images import ALPHA_MODES, _Bad, _exif_orientation, _to_8bit
+
+    size, conv = (side, side), _Uncounted()
+    with im:
+        try:
+            if im.format == "JPEG":
+                im.draft(mode, size)
+            im.load()
+            if _exif_orientation(im) != 1:
+                im = ImageOps.exif_transpose(im)
+            im = _to_8bit(im, conv)
+            if im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA") if im.mode == "P" else im
+            if im.mode != mode:
+                im = im.convert(mode)
+            if im.size != size:
+                im = im.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            a = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadUpload(400, f"corrupt or truncated image ({e})") from None
+        except _Bad as e:  # non-finite pixels
+            raise BadUpload(400, f"unusable image ({e})") from None
+    return np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1), order="C")  # owned and writable
+
+
+class _Uncounted(dict):
+    """A conversions counter that counts nothing (the service reports no conversions)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rules the audit measured
+
+
+@dataclass(frozen=True)
+class OodRule:
+    """Which OOD score is computed and the threshold below which an image is flagged (None: never flagged)."""
+
+    score: str
+    threshold: float | None
+    how: str
+    """Where the threshold came from, in words."""
+    fpr95: float | None = None
+    """The audit's mean FPR at 95% TPR for this score (the share of its OOD images this threshold lets through)."""
+
+
+def ood_rule(run_dir: Path, results: dict[str, Any] | None) -> OodRule:
+    """The OOD score and threshold from the ood check (see the module docstring); energy without a threshold when
+    the check did not run, its headline score needs more than logits, or its per-image file is missing."""
+    from pupil.results import consumed, read_per_image
+
+    summary = consumed(results, "serve", "ood") if results else None
+    if summary is None:
+        return OodRule("energy", None, "no threshold: the run was not audited with the ood check")
+    score = summary["score"]
+    if score not in LOGIT_SCORES:
+        return OodRule("energy", None, f"no threshold: the audit's headline score {score} needs more than logits")
+    stored = read_per_image(run_dir, "ood", results["audit"])
+    if stored is None or "id" not in stored or not len(stored["id"]):
+        return OodRule(score, None, "no threshold: the ood check's per-image file is missing or from another audit")
+    ids = stored["id"].double().sort().values
+    k = math.floor((1 - OOD_TPR) * len(ids) + 1e-9)  # count(ids >= ids[k]) >= n - k >= 0.95 n
+    how = (
+        f"{OOD_TPR:.0%} TPR: the 5th percentile of the {score} scores of the audit's {len(ids)} in-distribution "
+        "test images"
+    )
+    return OodRule(score, ids[k].item(), how, summary["mean_fpr95"])
+
+
+def ood_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-image OOD score (B,) float64 from logits, as ``pupil.ood`` computes it (higher = in-distribution)."""
+    from pupil.ood import energy, max_logit, msp
+
+    return {"msp": msp, "max_logit": max_logit, "energy": energy}[score](logits)
+
+
+@dataclass
+class Conformal:
+    """The conformal check's stored validation logits, and a Calibration per coverage level, made on first use."""
+
+    score: str
+    temperature: float
+    randomized: bool
+    seed: int
+    stored: dict[str, torch.Tensor] = field(repr=False)
+    cache: dict[float, Any] = field(default_factory=dict, repr=False)
+
+    def at(self, level: float):
+        """The ``pupil.conformal.Calibration`` at coverage ``level`` (what ``sets_for_run`` computes)."""
+        from pupil.conformal import calibrate
+
+        if level not in self.cache:
+            if len(self.cache) >= CACHED_LEVELS:
+                self.cache.pop(next(iter(self.cache)))
+            s = self.stored
+            u = s["val_u"] if self.randomized else None
+            targets = s["val_targets"].long()
+            mask = s["calibration_mask"]
+            self.cache[level] = calibrate(s["val_logits"], targets, mask, self.temperature, level, self.score, u)
+        return self.cache[level]
+
+
+def conformal_state(run_dir: Path, results: dict[str, Any] | None, k: int, notes: list[str]) -> Conformal | None:
+    from pupil.results import consumed, read_per_image
+
+    summary = consumed(results, "serve", "conformal") if results else None
+    if summary is None:
+        return None
+    stored = read_per_image(run_dir, "conformal", results["audit"])
+    if stored is None or not {"val_logits", "val_targets", "calibration_mask", "val_u"} <= set(stored):
+        notes.append("conformal sets off: the conformal check's per-image file is missing or from another audit")
+        return None
+    if stored["val_logits"].shape[1] != k:
+        raise PupilError(f"{run_dir}: the conformal audit calibrated {stored['val_logits'].shape[1]}-class logits")
+    seed = results["audit"]["seed"]
+    c = Conformal(summary["score"], float(summary["temperature"]), bool(summary["randomized"]), seed, stored)
+    c.at(DEFAULT_LEVEL)  # a broken calibration fails at startup, not on the first request
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The served model
+
+
+@dataclass
+class Served:
+    """One model behind the service: the wrapped network (takes [0, 1] pixels) and the rules its audit fitted."""
+
+    name: str
+    version: str
+    """The first 12 hex digits of the weights file's sha256."""
+    run_dir: Path
+    model: nn.Module = field(repr=False)
+    classes: list[str]
+    mode: str
+    """"L" or "RGB": what uploads are converted to."""
+    side: int
+    device: torch.device
+    temperature: float
+    temperature_audited: bool
+    ood: OodRule
+    deferral_threshold: float | None
+    target_accuracy: float | None
+    conformal: Conformal | None
+    explain_method: str
+    notes: list[str]
+
+    @property
+    def report(self) -> Path | None:
+        """The run's report card, when it is a plain file inside the run directory."""
+        path = self.run_dir / "report.html"
+        if not path.is_file() or path.is_symlink():
+            return None
+        return path
+
+    # -- inference (called from the one inference thread) ------------------------------------------------------
+
+    def logits(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 logits (B, K) on the CPU, in fp32 as ``pupil predict`` computes them."""
+        x = torch.from_numpy(pixels).to(self.device).float().div_(255)
+        with torch.inference_mode():
+            return self.model(x).float().cpu()
+
+    def answer(self, logits: torch.Tensor, keys: list[bytes], top: list[int], levels: list[float | None]) -> list:
+        """Per-image answers for logits (B, K): the top classes with temperature-scaled probabilities, the OOD
+        score and flag, the deferral decision and its reasons, the conformal set at each image's level. ``keys``
+        are the decoded pixels' bytes (the draws of randomized sets); ``top`` and ``levels`` are per image."""
+        probs = (logits.double() / self.temperature).softmax(1)  # (B, K)
+        confidence = logits.float().softmax(1).amax(1)  # (B,) plain softmax, what the deferral threshold was fit on
+        values, index = probs.topk(min(max(top), probs.shape[1]), dim=1)
+        ood = ood_scores(logits, self.ood.score)
+        flagged = ood < self.ood.threshold if self.ood.threshold is not None else None
+        sets = self._sets(logits, keys, levels)
+        rows = zip(values.tolist(), index.tolist(), confidence.tolist(), ood.tolist(), strict=True)
+        out = []
+        for i, (v, idx, conf, score) in enumerate(rows):
+            reasons = []
+            if self.deferral_threshold is not None and conf < self.deferral_threshold:
+                reasons.append(
+                    f"softmax confidence {conf:.2%} (before temperature scaling) is below the audited threshold "
+                    f"{self.deferral_threshold:.2%}"
+                )
+            is_ood = None if flagged is None else bool(flagged[i])
+            if is_ood:
+                reasons.append(
+                    f"{self.ood.score} score {score:.4g} is below {self.ood.threshold:.4g}: out of distribution"
+                )
+            out.append(
+                {
+                    "top": [
+                        {"label": self.classes[c], "index": c, "probability": p}
+                        for p, c in zip(v[: top[i]], idx[: top[i]])
+                    ],
+                    "ood": {"score": score, "flagged": is_ood},
+                    "deferral": {"deferred": bool(reasons), "reasons": reasons, "confidence": conf},
+                    "conformal": sets[i],
+                }
+            )
+        return out
+
+    def _sets(self, logits: torch.Tensor, keys: list[bytes], levels: list[float | None]) -> list:
+        """Each image's conformal set ({"set": labels, "indices": ...}) at its level, or None; one calibration and
+        one vectorised pass per distinct level in the batch."""
+        from pupil.conformal import set_lists, softmax, uniforms_for
+
+        out: list[dict | None] = [None] * len(levels)
+        if self.conformal is None:
+            return out
+        for level in {lv for lv in levels if lv is not None}:
+            rows = [i for i, lv in enumerate(levels) if lv == level]
+            cal = self.conformal.at(level)
+            z = logits[rows]
+            u = uniforms_for([keys[i] for i in rows], self.conformal.seed) if cal.randomized else None
+            for i, s in zip(rows, set_lists(softmax(z, cal.temperature), cal.sizes(z, u)), strict=True):
+                out[i] = {"set": [self.classes[c] for c in s], "indices": s}
+        return out
+
+    def conformal_info(self, level: float) -> dict[str, Any]:
+        """What the sets at ``level`` were calibrated with (an infinite threshold, too few images, is None)."""
+        d = self.conformal.at(level).describe()
+        if not math.isfinite(d["threshold"]):
+            d["threshold"] = None
+        return d
+
+    def explain(self, pixels: np.ndarray, method: str, target: int | None) -> tuple[bytes, int, int]:
+        """An overlay PNG of ``method``'s map for one image (C, H, W) uint8, the predicted class and the explained
+        one (``target``, or the prediction)."""
+        from pupil.explain import explain_image, overlay_png
+
+        image = torch.from_numpy(pixels)
+        sal, pred, _ = explain_image(self.model, image, method, target=target)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = overlay_png(image, sal, Path(tmp) / "overlay.png")
+            return path.read_bytes(), pred, pred if target is None else target
+
+    # -- description -------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The model's entry in ``GET /v1/models``."""
+        c = self.conformal
+        return {
+            "name": self.name,
+            "version": self.version,
+            "classes": self.classes,
+            "input": {"channels": 1 if self.mode == "L" else 3, "size": self.side},
+            "report": f"/v1/models/{self.name}/report" if self.report else None,
+            "calibration": {"temperature": self.temperature, "audited": self.temperature_audited},
+            "ood": {
+                "score": self.ood.score,
+                "threshold": self.ood.threshold,
+                "how": self.ood.how,
+                "fpr95": self.ood.fpr95,
+            },
+            "deferral": {"threshold": self.deferral_threshold, "target_accuracy": self.target_accuracy},
+            "conformal": None
+            if c is None
+            else {"default_level": DEFAULT_LEVEL, "score": c.score, "randomized": c.randomized},
+            "explain": self.explain_method,
+            "notes": self.notes,
+        }
+
+
+def weights_version(path: Path) -> str:
+    """The first 12 hex digits of the sha256 of the weights file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def load_served(path: str | Path, device: torch.device, warm_batch: int = 1) -> Served:
+    """Load a run directory to serve: the model, its version, the audit's rules; then warm it up with a forward
+    pass at batch sizes 1 and ``warm_batch`` and one answer. Raises PupilError in one line on any problem."""
+    from pupil.results import consumed, load_results
+    from pupil.run import load_run
+
+    run_dir = Path(path)
+    run = load_run(run_dir, device=device)
+    info = run.info
+    shape = info["data"].get("input_shape")
+    if not shape or len(shape) != 3 or shape[0] not in (1, 3) or shape[1] != shape[2]:
+        raise PupilError(f"{run_dir}: cannot serve a model whose input shape is {shape} (need 1 or 3 x N x N)")
+    c, side, _ = shape
+    notes: list[str] = []
+    results = None
+    if (run_dir / "results.json").is_file():
+        results = load_results(run_dir)
+        if results["run"].get("classes") not in (None, run.classes):
+            raise PupilError(f"{run_dir}/results.json audits other classes than run.json lists: audit the run again")
+        if run.weights_file.stat().st_mtime > (run_dir / "results.json").stat().st_mtime:
+            notes.append("the weights are newer than results.json: the audited rules may not fit them")
+    else:
+        notes.append(f"not audited: run `pupil audit {run_dir}` for calibrated probabilities and thresholds")
+    cal = consumed(results, "serve", "calibration") if results else None
+    temperature = cal["temperature"] if cal else None
+    if cal is not None and temperature is None:
+        notes.append("the calibration check fitted no temperature (no validation split): probabilities use T = 1")
+    soft = consumed(results, "serve", "uncertainty") if results else None
+    if soft is not None and soft["deferral_threshold"] is None:
+        notes.append(f"the audit found no confidence threshold reaching {soft['target_accuracy']:.0%} accuracy")
+    net = run.model.net
+    gradcam = isinstance(getattr(net, "gradcam_layer", None), str)
+    served = Served(
+        name=run.name,
+        version=weights_version(run.weights_file),
+        run_dir=run_dir,
+        model=run.model.eval(),
+        classes=list(run.classes),
+        mode="L" if c == 1 else "RGB",
+        side=side,
+        device=torch.device(device),
+        temperature=float(temperature) if temperature else 1.0,
+        temperature_audited=bool(temperature),
+        ood=ood_rule(run_dir, results),
+        deferral_threshold=soft["deferral_threshold"] if soft else None,
+        target_accuracy=soft["target_accuracy"] if soft else None,
+        conformal=conformal_state(run_dir, results, len(run.classes), notes),
+        explain_method="gradcam" if gradcam else "occlusion",
+        notes=notes,
+    )
+    warm_up(served, warm_batch)
+    return served
+
+
+def warm_up(served: Served, batch: int) -> None:
+    """One forward pass at batch size 1 and at ``batch``, and one answer, so the first request pays no set-up
+    (allocator, kernels, lazy imports); a model that fails here fails startup."""
+    c = 1 if served.mode == "L" else 3
+    try:
+        for b in sorted({1, max(1, batch)}):
+            logits = served.logits(np.zeros((b, c, served.side, served.side), np.uint8))
+        if logits.ndim != 2 or logits.shape[1] != len(served.classes):
+            raise PupilError(f"gives logits of shape {tuple(logits.shape)} for {len(served.classes)} classes")
+        served.answer(logits[:1], [b"warm-up"], [1], [DEFAULT_LEVEL if served.conformal else None])
+    except Exception as e:  # whatever the model raises becomes one line
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise PupilError(f"model {served.name} ({served.run_dir}) failed its warm-up: {first}") from None
