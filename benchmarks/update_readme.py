@@ -319,6 +319,7 @@ def _beside(script: str):
 
 audit_scale = _beside("audit_scale")
 card_fmnist = _beside("card_fmnist")
+serve = _beside("serve")
 
 
 TABLES = {
@@ -334,6 +335,7 @@ TABLES = {
     "audit_scale": audit_scale,
     "audit_demos": audit_demos,
     "card_fmnist": card_fmnist,
+    "serve": serve,
 }
 
 
