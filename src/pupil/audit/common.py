@@ -208,6 +208,12 @@ class AuditContext:
         """A check's batch setting, capped by the context's batch size for the image size."""
         return max(1, min(wanted, self.batch_size))
 
+    def grad_batch(self, wanted: int) -> int:
+        """A check's batch setting for a pass that back-propagates to the input: a quarter of ``batch``, since
+        autograd keeps every activation of the batch for the backward pass (ODIN at batch 500 on 224-px
+        images took 7 GB)."""
+        return max(1, min(wanted, self.batch_size // 4))
+
     def targets(self, split: str = "test") -> torch.Tensor:
         return self.split(split).targets
 

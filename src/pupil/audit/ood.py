@@ -168,14 +168,17 @@ def forward_pass(
             z = (z + net(model.normalize(x.flip(3)))) / 2
         return z, feats
 
-    return ctx.forward(images, run, batch_size)
+    return ctx.forward(images, run, ctx.batch(batch_size))
 
 
 def odin_pass(model: nn.Module, images: torch.Tensor, ctx: AuditContext, cfg: OODConfig) -> torch.Tensor:
 
     # ODIN perturbs the input along a gradient, so it needs autograd; odin() itself runs in fp32.
     return ctx.forward(
-        images, lambda x: odin(model, x, cfg.odin_temperature, cfg.odin_epsilon), cfg.batch_size, grad=True
+        images,
+        lambda x: odin(model, x, cfg.odin_temperature, cfg.odin_epsilon),
+        ctx.grad_batch(cfg.batch_size),
+        grad=True,
     )
 
 
