@@ -31,44 +31,15 @@ MIN_KEY_CHARS = 16
 LOOPBACK_NAMES = ("localhost",)
 
 
-def serve_command_main(
-    runs: list[str],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 32,
-    max_wait_ms: float = 5.0,
-    max_upload_mb: float = 8.0,
-    api_key_file: str | Path | None = None,
-    device: str = "auto",
-    timeout_s: float = 10.0,
-    max_images: int = 16,
-    threads: int = 0,
-    access_log: bool = False,
-    log_level: str = "info",
-    log: Callable[[str], Any] = print,
-) -> None:
+def serve_command_main(runs: list[str], log: Callable[[str], Any] = print, **settings: Any) -> None:
     """Serve ``runs`` (run directories) until Ctrl-C or SIGTERM, then finish the requests in flight and return.
+    ``settings`` are ``prepare``'s (host, port, max_batch, ...).
 
     Raises PupilError (one line) for every problem found before the server listens: a bad setting, a missing
     package, an API key file that is missing, empty or holds a short key, a host that is not an address of this
     machine, a port in use, a run that fails to load or to warm up.
     """
-    server, sock, url = prepare(
-        runs,
-        host=host,
-        port=port,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_upload_mb=max_upload_mb,
-        api_key_file=api_key_file,
-        device=device,
-        timeout_s=timeout_s,
-        max_images=max_images,
-        threads=threads,
-        access_log=access_log,
-        log_level=log_level,
-        log=log,
-    )
+    server, sock, url = prepare(runs, log=log, **settings)
     log(f"serving {len(runs)} model{'s' if len(runs) > 1 else ''} at {url} (Ctrl-C stops after the requests in flight)")
     try:
         server.run(sockets=[sock])
