@@ -564,6 +564,14 @@ def compare_cmd(
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the paired tests (two runs).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the paired tests' bootstrap.")] = 0,
+    changes: Annotated[
+        bool | None,
+        typer.Option(
+            "--changes/--no-changes",
+            help="What changed in each later run against the first: every figure of the card with a paired "
+            "interval, and the images whose prediction changed (default: when a later run is compressed).",
+        ),
+    ] = None,
 ) -> None:
     """Leaderboard and Pareto plots over many runs' results.json; mismatched audit settings are flagged.
 
@@ -575,7 +583,7 @@ def compare_cmd(
 
     if bootstrap < 100:
         raise PupilError(f"--bootstrap must be at least 100, not {bootstrap}")
-    board = compare(runs, out, gate=gate, n_bootstrap=bootstrap, seed=seed)
+    board = compare(runs, out, gate=gate, n_bootstrap=bootstrap, seed=seed, changes=changes)
     table = Table(title=f"leaderboard ({len(board['runs'])} runs)")
     for col in ("run", "model", "top-1", "macro-F1", "ECE", "latency p50 ms", "FLOPs", "Pareto (latency)"):
         table.add_column(col)
@@ -597,6 +605,10 @@ def compare_cmd(
         _print_paired(board["paired"])
     elif "paired_refused" in board:
         console.print(f"no paired tests: {board['paired_refused']}", markup=False)
+    if "changes" in board:
+        from pupil.report.changes import print_changes
+
+        print_changes(board["changes"], console)
     console.print(f"wrote {out / 'compare.html'} and {out / 'leaderboard.json'}")
     if "gate" in board:
         _print_gate(board["gate"])

@@ -81,6 +81,17 @@ CONSUMED: dict[str, dict[str, tuple[str, ...]]] = {
         "uncertainty": ("deferral_threshold", "target_accuracy"),
         "conformal": ("score", "temperature", "randomized"),
     },
+    "changes": {
+        "accuracy": ("top1",),
+        "calibration": ("ece", "ece_after_temperature", "temperature"),
+        "corruption": ("mean_corrupted_top1",),
+        "adversarial": ("robust_top1", "eps", "norm"),
+        "ood": ("mean_auroc", "score"),
+        "uncertainty": ("deferred", "target_accuracy"),
+        "fairness": ("accuracy_gap", "attribute"),
+        "efficiency": ("params", "latency_ms_p50", "throughput_img_s"),
+        "energy": ("energy_j_per_1000_images",),
+    },
     "serve": {
         "calibration": ("temperature",),
         "uncertainty": ("deferral_threshold", "target_accuracy"),

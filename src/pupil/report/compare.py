@@ -4,7 +4,9 @@ check's headline figure.
 Runs audited with different settings (dataset, split size, budget, seed, device, threads, precision)
 are flagged in the leaderboard rather than silently mixed. With exactly two runs, BASE and NEW, whose per-image
 figures pair up, the leaderboard adds the paired tests of ``pupil.report.paired`` (is NEW better, worse, or within
-noise?) and, given a gate file, the verdict of ``pupil.report.gates`` on NEW against BASE.
+noise?) and, given a gate file, the verdict of ``pupil.report.gates`` on NEW against BASE. When a later run is a
+compressed copy (``pupil compress``), or when asked, it adds the view of ``pupil.report.changes``: every figure of the
+card, NEW - BASE, for each later run against the first, with the images whose prediction changed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def compare(
     gate: str | Path | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    changes: bool | None = None,
 ) -> dict[str, Any]:
     """Write ``leaderboard.json`` and ``compare.html`` for two or more runs (run directories or results.json files).
 
@@ -84,14 +87,19 @@ def compare(
             the runs do not pair up (other images, settings or classes; per-image files missing), the reason is
             under ``paired_refused`` instead.
         gate: a gate file (``pupil.report.gates``), judged on NEW against BASE, under ``gate``; needs two runs.
-        n_bootstrap: bootstrap replicates of the paired tests.
-        seed: seed of the paired tests' bootstrap.
+        n_bootstrap: bootstrap replicates of the paired tests and of the changes view.
+        seed: seed of the paired tests' and the changes view's bootstrap.
+        changes: add ``pupil.report.changes.changes`` of every later run against the first under ``changes`` (a
+            run that does not pair with the first is listed under its ``refused``); None (the default) adds it when
+            a later run is a compressed copy (its run.json has a ``compressed`` section).
 
     Raises:
         PupilError: fewer than two runs, a gate with other than two runs, a bad gate file, or a gate with
             ``(paired)`` rules for runs that do not pair up (the pairing's reason).
     """
     from pupil.report import gates
+    from pupil.report.changes import changes as what_changed
+    from pupil.report.changes import is_compressed
 
     if len(paths) < 2:
         raise PupilError("compare needs at least two runs (or results.json files)")
@@ -119,6 +127,8 @@ def compare(
             if any(r.paired for r in rules):
                 raise
             board["paired_refused"] = str(e)
+    if changes or (changes is None and any(is_compressed(p) for p in paths[1:])):
+        board["changes"] = what_changed(paths[0], paths[1:], n_bootstrap=n_bootstrap, seed=seed, skip_mismatched=True)
     if gate is not None:
         board["gate"] = gates.evaluate(rules, loaded[1], loaded[0], board.get("paired"), str(gate))
     out = Path(out)
@@ -199,6 +209,7 @@ def render_compare(board: dict[str, Any]) -> str:
         headlines=headline_table(board, fmt),
         paired=paired_table(board.get("paired")),
         paired_refused=board.get("paired_refused"),
+        changes=changes_tables(board.get("changes")),
         gate=board.get("gate"),
     )
 
@@ -247,3 +258,21 @@ def paired_table(result: dict[str, Any] | None) -> dict[str, Any] | None:
     ]
     columns = ["figure", "base", "new", "difference", "95% interval", "p", "Holm p", "verdict", "test"]
     return {**result, "columns": columns, "rows": rows}
+
+
+def changes_tables(view: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The changes view as text for the page: per comparison, the figures and per-class rows (``text_row``), the
+    exemplars' class mix (classes with a changed prediction) and the rest as it is."""
+    if view is None:
+        return None
+    from pupil.report.changes import per_class_rows, text_row
+
+    comparisons = []
+    for c in view["comparisons"]:
+        classes, note = per_class_rows(c, 30)
+        ex = c["exemplars"]
+        mix = [r for r in ex.get("by_class", []) if r["differ"]]
+        comparisons.append(
+            {**c, "rows": [text_row(r) for r in c["figures"]], "classes": classes, "classes_note": note, "mix": mix}
+        )
+    return {**view, "comparisons": comparisons}
