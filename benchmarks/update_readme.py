@@ -320,6 +320,8 @@ def _beside(script: str):
 audit_scale = _beside("audit_scale")
 card_fmnist = _beside("card_fmnist")
 serve = _beside("serve")
+search = _beside("search")
+compress = _beside("compress")
 
 
 TABLES = {
@@ -336,6 +338,8 @@ TABLES = {
     "audit_demos": audit_demos,
     "card_fmnist": card_fmnist,
     "serve": serve,
+    "search": search,
+    "compress": compress,
 }
 
 

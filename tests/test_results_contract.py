@@ -40,6 +40,7 @@ TINY = {
     "conformal": {"n": 64, "corruptions": ["contrast"]},
     "explain": {"n": 4, "steps": 2, "lime_samples": 8, "shap_samples": 8, "ig_steps": 4, "examples": 1},
     "fairness": {"n_boot": 10, "slices": 3, "slice_examples": 1},
+    "retrieval": {"n_queries": 64, "corruptions": ["contrast"], "n_corrupt": 16, "latency_queries": 10, "worst": 1},
 }
 
 

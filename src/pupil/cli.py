@@ -24,6 +24,8 @@ from pupil.errors import Interrupted, PupilError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
+index_app = typer.Typer(no_args_is_help=True, help="Build and change visual-search indexes (faiss).")
+app.add_typer(index_app, name="index")
 console = Console(soft_wrap=True)  # long lines stay whole when piped (no hard wrap at 80 columns)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
@@ -614,6 +616,80 @@ def compare_cmd(
         _print_gate(board["gate"])
         if not board["gate"]["passed"]:
             raise typer.Exit(1)
+
+
+@index_app.command("build")
+def index_build_cmd(
+    run: Annotated[str, typer.Argument(help="Run directory whose embeddings index the images.")],
+    data: Annotated[str, typer.Argument(help="Dataset name, image folder or CSV manifest (the catalogue).")],
+    out: Annotated[Path, typer.Option(help="Index file to write.")],
+    kind: Annotated[str, typer.Option(help="hnsw (approximate, fast), flat (exact) or ivfpq (compressed).")] = "hnsw",
+    hnsw_m: Annotated[int, typer.Option(help="HNSW links per node.")] = 32,
+    ef_construction: Annotated[int, typer.Option(help="HNSW candidates kept while building.")] = 200,
+    split: Annotated[
+        str | None, typer.Option(help="Split of a registered dataset (default train; folders and CSVs: all).")
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding a registered dataset's files.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Embed a catalogue of images with a run and write a faiss index that records the run's weights."""
+    from pupil.search import index_build_command
+
+    index_build_command(
+        run,
+        data,
+        out,
+        kind=kind,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        split=split,
+        data_dir=data_dir,
+        device=device,
+        progress=progress,
+        console=console,
+    )
+
+
+@index_app.command("add")
+def index_add_cmd(
+    index: Annotated[Path, typer.Argument(help="Index file.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to add to the catalogue.")],
+    label: Annotated[str | None, typer.Option(help="Label of the added images.")] = None,
+    run: Annotated[str | None, typer.Option(help="Run directory, when it moved since the build.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Add images to an index without a rebuild; they are searchable at once. Prints each new id."""
+    from pupil.search import index_add_command
+
+    index_add_command(index, list(images), label=label, run=run, device=device, console=console)
+
+
+@index_app.command("remove")
+def index_remove_cmd(
+    index: Annotated[Path, typer.Argument(help="Index file.")],
+    ids: Annotated[list[int], typer.Argument(help="Ids to remove (as printed by search and add).")],
+) -> None:
+    """Remove items from an index without a rebuild; they never come back in a search."""
+    from pupil.search import index_remove_command
+
+    index_remove_command(index, list(ids), console=console)
+
+
+@app.command("search")
+def search_cmd(
+    index: Annotated[Path, typer.Argument(help="Index file (pupil index build).")],
+    images: Annotated[list[Path], typer.Argument(help="Query images, converted to the model's input.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
+    ef_search: Annotated[int, typer.Option(help="HNSW candidates kept per query (recall against speed).")] = 64,
+    out: Annotated[Path | None, typer.Option(help="PNG strip of each query and its neighbours.")] = None,
+    run: Annotated[str | None, typer.Option(help="Run directory, when it moved since the build.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The nearest catalogue images of each query image, with ids, labels, distances and sources."""
+    from pupil.search import search_command
+
+    search_command(index, list(images), k=k, ef_search=ef_search, out=out, run=run, device=device, console=console)
 
 
 def _print_paired(paired: dict[str, Any]) -> None:

@@ -60,6 +60,19 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "explain": ("insertion_deletion_gap", "method"),
     "fairness": ("accuracy_gap", "accuracy_gap_ci95", "attribute", "attribute_kind"),
+    "retrieval": (
+        "map_at_r",
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
+        "ann_recall_at_10",
+        "qps",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "corrupted_recall_at_1",
+        "embedding",
+        "dim",
+    ),
 }
 
 # What each reader of results.json takes from which check's summary. The readers get their figures through

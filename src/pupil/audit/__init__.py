@@ -24,6 +24,7 @@ CHECK_MODULES = (
     "conformal",
     "explain",
     "fairness",
+    "retrieval",
 )
 for _module in CHECK_MODULES:
     importlib.import_module(f"pupil.audit.{_module}")

@@ -59,6 +59,11 @@ class Check:
     """Modules the check imports beyond pupil's core, and the pip extra that brings them."""
     extra: ClassVar[str] = ""
 
+    def unavailable(self, ctx: AuditContext) -> str:
+        """Why this check cannot run on this run ("" when it can): the default list leaves it out with that note,
+        and asked for by name it refuses in one line."""
+        return ""
+
     def config(self, budget: str, overrides: dict[str, Any] | None = None) -> Any:
         """The budget's settings updated with ``overrides``; the Config checks each value's type and range."""
         values = dict(self.quick) if budget == "quick" else {}
@@ -377,6 +382,12 @@ def run_audit(
         for n in [n for n, c in checks_run.items() if c.needs_val]:
             del checks_run[n], configs[n]
             skipped.append(f"skipped the {n} check: it calibrates on a validation split, and this run has none")
+    for n, c in list(checks_run.items()):
+        if why := c.unavailable(ctx):
+            if checks:
+                raise PupilError(f"the {n} check cannot run on {run_dir}: {why}")
+            del checks_run[n], configs[n]
+            skipped.append(f"skipped the {n} check: {why}")
     audit = {
         "split": "test",
         "n": len(ctx.test),

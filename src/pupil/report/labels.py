@@ -701,6 +701,55 @@ METRICS: dict[str, dict[tuple[str, ...], Label]] = {
             "corruption.corrupted.*.*.*.mean_set_size": ("{0}, {1} at {2:pct}: mean set size", "labels", LOWER),
         }
     ),
+    # The retrieval check (visual search: test queries against the training split; MAP@R of Musgrave et al. 2020).
+    "retrieval": _rows(
+        {
+            "embedding": ("embedding", "text", "penultimate: the classifier's pooled features; metric: a learned head"),
+            "dim": ("embedding size", "count", "dimensions of each L2-normalised vector"),
+            "n_queries": ("queries", "count", "test images searched for"),
+            "of_queries": ("test images in all", "count", "", False),
+            "n_gallery": ("gallery images", "count", "training images searched among"),
+            "of_gallery": ("training images in all", "count", "", False),
+            "recall.*": (
+                "Recall@{0}",
+                "fraction",
+                f"queries with at least one image of their label among their K nearest; {HIGHER}",
+                True,
+            ),
+            "map_at_r": (
+                "MAP@R",
+                "fraction",
+                f"mean average precision over each query's R nearest, R = its label's gallery images; {HIGHER}",
+            ),
+            "mean_r": ("mean R", "", "gallery images of a query's label, on average", False),
+            "ann.kind": ("approximate index", "name", "the faiss index measured against exact search"),
+            "ann.hnsw_m": ("HNSW M", "count", "links per node", False),
+            "ann.ef_construction": ("HNSW efConstruction", "count", "candidates kept while building", False),
+            "ann.ef_search": ("HNSW efSearch", "count", "candidates kept per query"),
+            "ann.recall_at_10": (
+                "approximate recall@10",
+                "fraction",
+                f"share of the exact 10 nearest that the index returns; {HIGHER}",
+            ),
+            "ann.qps": ("queries per second", "count", f"all queries at once, one thread; {HIGHER}"),
+            "ann.latency_ms_p50": ("latency per query, median", "ms", f"one query at a time, one thread; {LOWER}"),
+            "ann.latency_ms_p99": ("latency per query, p99", "ms", f"one query at a time, one thread; {LOWER}"),
+            "ann.latency_queries": ("queries timed one by one", "count", "", False),
+            "ann.exact_qps": ("exact search, queries per second", "count", "faiss IndexFlatL2, one thread, for scale"),
+            "ann.build_s": ("index build time", "s", "all threads", False),
+            "ann.threads": ("search threads", "count", "", False),
+            "corruption.severity": ("corruption severity", "count", "1 (mild) to 5 (severe)"),
+            "corruption.n": ("queries corrupted", "count", "class-stratified subset of the queries"),
+            "corruption.clean_recall_at_1": ("Recall@1 of those queries, clean", "fraction", "before corruption"),
+            "corruption.mean_recall_at_1": (
+                "Recall@1 under corruption",
+                "fraction",
+                f"mean over the corruptions; {HIGHER}",
+            ),
+            "corruption.worst": ("worst corruption", "name", "the corruption that costs the most Recall@1"),
+            "corruption.recall_at_1.*": ("{0}: Recall@1", "fraction", HIGHER),
+        }
+    ),
 }
 
 # What each check's headline figure means, beside the label results.json gives it.
@@ -719,6 +768,7 @@ HEADLINES = {
     "explain": f"How much the model's prediction depends on the pixels its explanations highlight; {HIGHER}.",
     "fairness": f"Difference in accuracy between the best- and worst-served group; {LOWER}.",
     "conformal": "How many labels a prediction set needs to contain the true class with the stated probability.",
+    "retrieval": f"How much of each test image's class its nearest training images hold (MAP@R); {HIGHER}.",
 }
 
 # Table columns: the label shown, the unit of its cells, and what it means. A table's unlisted numeric columns use
@@ -786,6 +836,14 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "empty sets": ("empty sets", "fraction", ""),
     "worst class coverage": ("worst class coverage", "fraction", ""),
     "set sizes": ("set sizes", "text", ""),
+    "label": ("label", "text", ""),
+    "queries": ("queries", "count", "test images of the label"),
+    "R": ("R", "count", "gallery images of the label"),
+    "recall@1": ("Recall@1", "fraction", ""),
+    "recall@5": ("Recall@5", "fraction", ""),
+    "recall@10": ("Recall@10", "fraction", ""),
+    "MAP@R": ("MAP@R", "fraction", ""),
+    "drop": ("drop", "points", "clean Recall@1 minus corrupted"),
 }
 # Columns named after a level or a class: (prefix, label prefix, unit).
 COLUMN_PREFIXES = (
@@ -810,6 +868,7 @@ TABLE_TITLES = {
     "gaps": "Gaps between groups",
     "slices": "Error slices found in the model's features",
     "by_score": "Each score and target",
+    "by_label": "Each label",
     "by_set_size": "Coverage by set size",
     "by_class": "Coverage per class",
     "under_corruption": "Coverage under corruption",
