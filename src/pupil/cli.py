@@ -618,6 +618,86 @@ def compare_cmd(
             raise typer.Exit(1)
 
 
+@app.command("compress")
+def compress_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory to compress (the base).")],
+    out: Annotated[Path, typer.Option(help="Run directory to write; it appears whole or not at all.")],
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="int8 (ONNX Runtime static, calibrated on the validation split; int8:OPTION,... for a variant: "
+            "qdq, qoperator, reduce_range, u8u8, keep_ends, per_tensor, dynamic, torchao), prune:RATIO (FLOPs "
+            "removed, then a fine-tune), distill:STUDENT (a registered model trained on the run's outputs), bf16, "
+            "fp16, or export (no compression; the default with --format)."
+        ),
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="onnx, torchscript, pt2 or safetensors (default: per method).")
+    ] = None,
+    calib_size: Annotated[int, typer.Option(help="Validation images int8 calibrates on.")] = 512,
+    max_minutes: Annotated[float, typer.Option(help="Fine-tune budget of prune:, training budget of distill:.")] = 5.0,
+    threads: Annotated[int, typer.Option(help="CPU threads (0: all).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run at --out (pupil's files only).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Compress or export a run into a run directory of its own, so that pupil audit and pupil compare treat the
+    deployed artefact like any run (pupil compare BASE OUT shows what compression changed)."""
+    from pupil.runtime import setup_threads
+
+    if method is None and format is None:
+        raise PupilError("give --method (int8, prune:RATIO, distill:STUDENT, bf16, fp16) or --format to export")
+    method = method or "export"
+    if threads < 0:
+        raise PupilError(f"--threads must be 0 (all) or more, not {threads}")
+    setup_threads(threads)
+    if method.startswith("distill:") or method == "distill":
+        from pupil.compress.distill import distill_run
+
+        student = method.partition(":")[2]
+        if not student:
+            raise PupilError("distill needs a student: --method distill:STUDENT, e.g. distill:lenet5")
+        if format is not None:
+            raise PupilError("distill: writes a trained run (model.safetensors); compress it afterwards to export it")
+        done = distill_run(run, student, out, max_minutes=max_minutes, overwrite=overwrite, progress=progress)
+        console.print(f"wrote {done}: {student} distilled from {run}; audit it with pupil audit {done}", markup=False)
+        return
+    from pupil.compress import compress_run
+
+    result = compress_run(
+        run,
+        method,
+        out,
+        fmt=format,
+        calib_size=calib_size,
+        device=device,
+        overwrite=overwrite,
+        max_minutes=max_minutes,
+        progress=progress,
+    )
+    comp = result.info["compressed"]
+    console.print(
+        f"wrote {out}: {comp['method']} of {run} as {comp['format']} ({comp['artefact']}, {_si(comp['bytes'])}B)",
+        markup=False,
+    )
+    if check := comp.get("check"):
+        console.print(_compress_check(check), markup=False)
+    for note in comp.get("notes", [])[1:]:
+        console.print(f"note: {note}", markup=False)
+    console.print(f"next: pupil audit {out}, then pupil compare {run} {out}", markup=False)
+
+
+def _compress_check(check: dict[str, Any]) -> str:
+    """One line: the artefact against the base model on the validation split."""
+    change = 100 * check["top1_change"]
+    return (
+        f"{check['split']} top-1 {check['top1_base']:.2%} -> {check['top1_compressed']:.2%} ({change:+.2f} pt) on "
+        f"{check['images']:,} images; top-1 agrees with the base on {check['top1_agreement']:.2%}; largest logit "
+        f"difference {check['max_abs_logit_diff']:.3g}"
+        + (" (includes the calibration images)" if check.get("includes_calibration_images") else "")
+    )
+
+
 @index_app.command("build")
 def index_build_cmd(
     run: Annotated[str, typer.Argument(help="Run directory whose embeddings index the images.")],

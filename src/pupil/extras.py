@@ -26,6 +26,9 @@ PACKAGES = {
     "onnxruntime": ("onnx", "onnxruntime"),
     "onnx": ("onnx", "onnx"),
     "onnxscript": ("onnx", "onnxscript"),
+    "torch_pruning": ("compress", "torch-pruning"),
+    "torchao": ("compress", "torchao"),
+    "pytorch_metric_learning": ("search", "pytorch-metric-learning"),
 }
 
 

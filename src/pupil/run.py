@@ -1,7 +1,8 @@
 """A run directory, read back: ``run.json`` and ``model.safetensors`` give a model that takes [0, 1] pixels.
 
 Loading never unpickles: weights come from safetensors and the architecture is rebuilt by name from
-the registry with the keyword arguments recorded in ``run.json``.
+the registry with the keyword arguments recorded in ``run.json``. A compressed run (``pupil compress``) loads its
+deployed artefact instead (``pupil.compress.export.load_artefact``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ LOCK_FILE = ".pupil.lock"
 RUN_FILES = (
     "run.json",
     "model.safetensors",
+    "model.onnx",  # pupil compress's artefacts (pupil.compress.export.ARTEFACTS)
+    "model.torchscript.pt",
+    "model.pt2",
     "checkpoint.pt",
     "metrics.jsonl",
     "results.json",
@@ -283,6 +287,9 @@ def read_info(run_dir: Path) -> dict[str, Any]:
 def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: bool = True) -> Run:
     """Read a run directory; with ``load_model`` rebuild the model and load its weights.
 
+    A run that ``pupil compress`` wrote (run.json has a ``compressed`` section) gets its deployed artefact instead:
+    an ONNX Runtime session, a TorchScript or torch.export program, or the network in bf16 (``pupil.compress``).
+
     Raises PupilError naming the problem when a file is missing or corrupt, or when the weights do
     not fit the architecture or class list that run.json records.
     """
@@ -295,6 +302,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     info = read_info(run_dir)
     run = Run(run_dir, info)
     if not load_model:
+        return run
+    if "compressed" in info:  # pupil compress's output: the model is the deployed artefact
+        from pupil.compress.export import load_artefact
+
+        run.model, run.weights_file = load_artefact(run_dir, info, torch.device(device))
         return run
     weights = run_dir / "model.safetensors"
     if not weights.exists():
