@@ -22,11 +22,16 @@ writes first, measured the same way in the same invocation.
 4. Soak: the batched pupil server under concurrency 8 for ``--soak-s`` seconds; RSS summed over its process tree
    before (after the measured loads, so warm) and after, sampled every SOAK_SAMPLE_S seconds between.
 
+``--extra RUN ...`` measures more audited runs the same way, each under its model name and, for a run that
+``pupil compress`` wrote, its artefact's format: vgg_small deployed for ONNX Runtime, for example, where the
+plain endpoint (which opens the run with ``pupil.load_run`` too) runs the same ONNX Runtime session.
+
 Writes benchmarks/results/serve.json; ``readme_table`` renders it. A hard cap (``--max-minutes``) stops the whole
 script; the servers it started are always stopped. The work folder (servers' logs, the lenet5 run) is deleted
-after a successful run unless ``--keep``. About 15 minutes on 2 cores at the defaults.
+after a successful run unless ``--keep``. About 15 minutes on 2 cores at the defaults (lenet5 and vgg_small), about
+7 more per extra run.
 
-    python benchmarks/serve.py [--lenet RUN] [--vgg runs/fmnist_fast] [--soak-s 300] [--requests 3000]
+    python benchmarks/serve.py [--lenet RUN] [--vgg runs/fmnist_fast] [--extra RUN ...] [--soak-s 300]
 """
 
 from __future__ import annotations
@@ -242,6 +247,7 @@ def drive(server: psutil.Process, reqs: list[bytes], conc: int, n: int, limit_s:
         "client_processes": procs,
         "client_cpu_share": sum(p["cpu_s"] for p in parts) / wall,  # 1.0 = one core busy
         "server_cpu_share": server_cpu / wall,
+        "server_cpu_us_per_request": server_cpu / ok * 1e6 if ok else None,  # steadier than req/s on a shared machine
         "load_avg_1min_at_start": load0,
     }
 
@@ -363,7 +369,7 @@ def measure_run(run: Path, pngs: list[bytes], args, work: Path) -> dict:
                 print(
                     f"    c={conc:>2}: {r['req_s']:7.1f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                     f"errors {r['errors']}  clients {r['client_cpu_share']:.2f} cores, server "
-                    f"{r['server_cpu_share']:.2f}",
+                    f"{r['server_cpu_share']:.2f} ({r['server_cpu_us_per_request'] or 0:.0f} us/request)",
                     flush=True,
                 )
                 rows.append(r)
@@ -408,6 +414,14 @@ def soak(server: psutil.Process, reqs: list[bytes], args) -> dict:
         "rss_growth": after / before - 1,
         "rss_trace": {"t_s": [t for t, _ in trace], "rss_mb": [round(b / 1e6, 2) for _, b in trace]},
     }
+
+
+def label(run: Path, model: str, taken: dict) -> str:
+    """The model's name, with a compressed run's artefact format (``vgg_small (onnx)``); the run's folder name
+    where that is taken already."""
+    compressed = json.loads((run / "run.json").read_text()).get("compressed") or {}
+    name = f"{model} ({compressed['format']})" if compressed.get("format") else model
+    return name if name not in taken else f"{name} ({run.name})"
 
 
 def goals(m: dict) -> dict:
@@ -511,7 +525,8 @@ def main() -> None:
     ap.add_argument("--limit-s", type=float, default=30.0, help="time limit per cell (default 30 s)")
     ap.add_argument("--soak-s", type=float, default=300.0, help="soak duration per model (default 300 s)")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes (default 2)")
-    ap.add_argument("--max-minutes", type=float, default=30.0, help="hard cap on the whole script (default 30)")
+    ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more audited runs (e.g. pupil compress output)")
+    ap.add_argument("--max-minutes", type=float, default=45.0, help="hard cap on the whole script (default 45)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (servers' logs, the lenet5 run)")
     ap.add_argument("--plain", help=argparse.SUPPRESS)  # the reference server, in a subprocess
@@ -537,12 +552,12 @@ def main() -> None:
         if lenet is None:
             print("[0] a lenet5 run (1 epoch) and its audit", flush=True)
             lenet = train_lenet(work)
-        for i, run in enumerate((lenet, args.vgg), 1):
+        for i, run in enumerate((lenet, args.vgg, *args.extra), 1):
             print(f"[{i}] {run}", flush=True)
             m = measure_run(run.resolve(), pngs, args, work)
             m["goals"] = goals(m)
-            m["run"] = str(run.resolve()).replace(str(ROOT) + "/", "") if args.lenet or i == 2 else "trained here"
-            models[m["model"]] = m
+            m["run"] = str(run.resolve()).replace(str(ROOT) + "/", "") if args.lenet or i > 1 else "trained here"
+            models[label(run, m["model"], models)] = m
     finally:
         signal.alarm(0)
         for proc in STARTED:
@@ -579,6 +594,7 @@ def main() -> None:
             "lenet": "reused: " + str(args.lenet)
             if args.lenet
             else "trained here: 1 epoch of recipes/fmnist_fast.yaml",
+            "extra": [str(p) for p in args.extra],
             "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         },
         "goals": GOALS,

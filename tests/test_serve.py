@@ -21,13 +21,14 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
@@ -225,7 +226,8 @@ def test_predictions_equal_pupil_predicts(client, audited, files, capsys):
     ood = score_images(run.model, x, "msp")
     confidence = logits.softmax(1).amax(1)
     for p, conf, score in zip(preds, confidence.tolist(), ood.tolist()):
-        assert p["ood"]["score"] == pytest.approx(score, abs=1e-9) and p["ood"]["flagged"] == (score < ood_threshold)
+        # the service runs the model channels-last, as the audit did; `pupil predict` contiguous: float rounding apart
+        assert p["ood"]["score"] == pytest.approx(score, abs=1e-6) and p["ood"]["flagged"] == (score < ood_threshold)
         assert p["deferral"]["deferred"] == (conf < threshold or score < ood_threshold)
     assert any(p["deferral"]["deferred"] for p in preds) and not all(p["deferral"]["deferred"] for p in preds)
     capsys.readouterr()
@@ -254,6 +256,25 @@ def test_json_base64_and_raw_bodies_answer_like_multipart(client, files):
     assert _same(two, want["predictions"] * 2)
 
 
+def test_the_guards_predict_answers_as_the_fastapi_route_does(client, served, files):
+    """The guard answers predict itself (the hot path); the FastAPI route behind it, reached when the app is called
+    without its guard, gives the same body, byte for byte, and other methods their 405."""
+    r = client.post("/v1/models/smoke/predict?top=3", files=_multipart(files[:2]))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.content == json.dumps(r.json()).encode()  # the fixed head and the answers make one json.dumps
+    app = create_app([served])
+
+    async def unguarded(scope, receive, send):  # the FastAPI stack alone, lifespan included
+        await FastAPI.__call__(app, scope, receive, send)
+
+    with TestClient(unguarded) as direct:
+        again = direct.post("/v1/models/smoke/predict?top=3", files=_multipart(files[:2]))
+        assert again.status_code == 200 and again.content == r.content
+        assert direct.post("/v1/models/nope/predict", files=_multipart(files[:1])).status_code == 404
+    assert client.get("/v1/models/smoke/predict").status_code == 405
+
+
 def test_an_unaudited_run_is_served_with_t1_and_no_thresholds(client, bare, files):
     r = client.post("/v1/models/bare/predict", files=_multipart(files[:2]))
     body = r.json()
@@ -265,6 +286,54 @@ def test_an_unaudited_run_is_served_with_t1_and_no_thresholds(client, bare, file
     entry = client.get("/v1/models/bare").json()
     assert entry["report"] is None and "not audited" in entry["notes"][0]
     assert client.post("/v1/models/bare/predict?conformal=0.9", files=_multipart(files[:1])).status_code == 400
+
+
+def test_an_onnx_runtime_model_is_served_like_the_torch_one_and_explained_by_occlusion(served, bare, files, tmp_path):
+    """A model without gradients or the feature contract (an ONNX Runtime session, as ``pupil.sources`` opens one and
+    ``pupil compress --format onnx`` deploys one): the same answers as the PyTorch network it was exported from,
+    its session on the server's threads without spinning, occlusion for its explanations and a 400 for Grad-CAM."""
+    pytest.importorskip("onnxruntime")
+    from pupil.run import load_run
+    from pupil.sources import open_audit
+
+    run = load_run(bare)
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(
+            run.model.net.eval(),
+            (torch.rand(2, 1, 16, 16),),
+            str(path),
+            input_names=["input"],
+            dynamic_axes={"input": {0: "n"}},
+            dynamo=False,
+            opset_version=17,
+        )
+    d = run.info["data"]
+    stats = {"mean": ",".join(map(str, d["mean"])), "std": ",".join(map(str, d["std"]))}
+    opened = open_audit(f"onnx:{path}", "synthetic", out=tmp_path / "ort", preprocess=stats, device=torch.device("cpu"))
+    ort_served = load_served(opened, torch.device("cpu"), warm_batch=4, threads=1)
+    options = ort_served.model.net.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert not ort_served.gradients and ort_served.explain_method == "occlusion"
+
+    with TestClient(create_app([load_served(bare, torch.device("cpu")), ort_served])) as c:
+        want = c.post("/v1/models/bare/predict?top=4", files=_multipart(files)).json()
+        got = c.post("/v1/models/ort/predict?top=4", files=_multipart(files)).json()
+        assert got["model"] == "ort" and got["version"] == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        assert got["ood"] == want["ood"] and got["calibration"] == want["calibration"]
+        for a, b in zip(got["predictions"], want["predictions"], strict=True):
+            assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+            assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-5)
+            assert a["ood"]["score"] == pytest.approx(b["ood"]["score"], abs=1e-5)
+        assert c.get("/v1/models/ort").json()["explain"] == "occlusion"
+        r = c.post("/v1/models/ort/explain", files=_multipart(files[:1]))
+        assert r.status_code == 200 and r.headers["x-method"] == "occlusion", r.text
+        assert r.headers["x-predicted-class"] == got["predictions"][0]["top"][0]["label"]
+        assert Image.open(io.BytesIO(r.content)).size[0] >= 256
+        r = c.post("/v1/models/ort/explain?method=gradcam", files=_multipart(files[:1]))
+        assert r.status_code == 400 and "no gradients" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -766,6 +835,36 @@ def test_raw_paths_cannot_reach_run_files(live, target):
 def test_the_report_card_over_a_socket(live, audited):
     reply = _raw(live, b"GET /v1/models/smoke/report HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith((audited / "report.html").read_bytes())
+
+
+def test_answers_over_a_socket_come_whole_in_order_on_one_connection(live, files):
+    """The server sends each answer's head and body in one write (``pupil.serve.OneWrite``): on one keep-alive
+    connection, answers with a body, without one (HEAD) and a streamed file arrive whole and in order."""
+    data = files[0].read_bytes()
+    predict = (
+        b"POST /v1/models/smoke/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(data)
+        + data
+    )
+    head = b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    report = b"GET /v1/models/smoke/report HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    last = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", live), timeout=10) as s:
+        reader = s.makefile("rb")
+        for request, has_body in ((predict, True), (head, False), (report, True), (predict, True), (last, True)):
+            s.sendall(request)  # a HEAD is answered with a head alone (405 here: the routes take GET)
+            status = reader.readline()
+            fields = {}
+            while (line := reader.readline()) != b"\r\n":
+                name, _, value = line.decode("latin-1").partition(":")
+                fields[name.strip().lower()] = value.strip()
+            assert status.startswith(b"HTTP/1.1 405" if request is head else b"HTTP/1.1 200"), (status, fields)
+            body = reader.read(int(fields["content-length"])) if has_body else b""
+            if request is predict:
+                assert json.loads(body)["predictions"][0]["top"]
+            elif request is last:
+                assert json.loads(body) == {"status": "ok"}
+        assert reader.read() == b""  # nothing after the last answer: the server closed
 
 
 def test_oversized_bodies_are_refused_before_they_are_read(live):

@@ -170,18 +170,20 @@ def _numbers(value: Any, flag: str) -> list[float]:
 
 
 class OnnxNet(nn.Module):
-    """An onnxruntime session as a module: float32 NCHW in, logits out. No gradients flow through it."""
+    """An onnxruntime session as a module: float32 NCHW in, logits out. No gradients flow through it. ``options``
+    (``onnxruntime.SessionOptions``) default to ONNX Runtime's; ``path`` is kept so a server can reopen it."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, options: Any = None):
         super().__init__()
         require(["onnxruntime"], f"onnx:{path}", "onnx")
         import onnxruntime as ort
 
+        self.path = Path(path)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types, all user-file errors
             raise PupilError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         inputs = self.session.get_inputs()

@@ -358,14 +358,9 @@ def session_options(threads: int | None = None):
 
 def onnx_net(path: Path, device: torch.device, threads: int | None = None) -> nn.Module:
     """``pupil.sources.OnnxNet`` over ``path`` with ``session_options(threads)``."""
-    import onnxruntime as ort
-
     from pupil.sources import OnnxNet
 
-    net = OnnxNet(path, device)  # checks the input layout and counts the initializers
-    # OnnxNet opens its session with ONNX Runtime's defaults; the deployed model gets its own settings.
-    net.session = ort.InferenceSession(str(path), session_options(threads), providers=net.session.get_providers())
-    return net
+    return OnnxNet(path, device, session_options(threads))  # checks the input layout and counts the initializers
 
 
 def load_artefact(run_dir: Path, info: dict[str, Any], device: torch.device) -> tuple[PixelModel, Path]:

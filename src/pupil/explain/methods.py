@@ -20,6 +20,7 @@ Everything runs in float32 whatever the run's training precision: attributions a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -274,7 +275,7 @@ def explain_image(
     """Saliency (H, W) on the CPU for one image (C, H, W) (uint8, or float in [0, 1]), the predicted class and its
     probability. ``target`` picks the class explained (the prediction by default)."""
     fn = method(method_name)
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     x = image.float().div(255) if image.dtype == torch.uint8 else image.float()
     x = (x[None] if x.ndim == 3 else x).to(device)
     model.eval()

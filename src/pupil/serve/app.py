@@ -10,7 +10,8 @@ Routes (``create_app``):
     GET  /v1/models/{name}            one entry
     GET  /v1/models/{name}/report     the run's report.html, sandboxed by its Content-Security-Policy
     POST /v1/models/{name}/predict    images -> top-k, OOD score and flag, deferral, conformal set
-    POST /v1/models/{name}/explain    one image -> overlay PNG (Grad-CAM, or occlusion for a model without one)
+    POST /v1/models/{name}/explain    one image -> overlay PNG (Grad-CAM; occlusion for a model without a Grad-CAM
+                                      layer or without gradients, such as an ONNX Runtime session)
 
 Uploads: ``multipart/form-data`` (each file part is an image), ``application/json`` (``{"images": [base64, ...]}``
 or ``{"image": base64}``; data URIs accepted) or the raw bytes with an ``image/*`` content type.
@@ -21,6 +22,13 @@ checks; 400 for a Host header the server was not bound for (DNS rebinding, when 
 Content-Length exceeds the upload limit, or as soon as a streamed body passes it (bytes are counted as they
 arrive, so an oversized body is never held); 504 when predict or explain takes longer than ``timeout_s``,
 reading the body included. It also counts every request for ``/metrics``.
+
+The hot path. FastAPI serves every route but predict; predict is answered by the guard itself (``Predictor``, plain
+ASGI: the body read, the images opened, the batch awaited, one JSON response), because under load the per-request
+Python of the framework's middleware stack, routing and response objects was about a quarter of the event loop's
+time in a profile, and the event loop is what bounds the service: it and the inference thread share one
+interpreter lock, so every microsecond of Python per request is one the forward pass cannot overlap. The answers,
+status codes and headers are the ones the FastAPI route gave (the API tests, unchanged, hold it to them).
 """
 
 from __future__ import annotations
@@ -28,27 +36,51 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import json
 import logging
 import re
 import secrets
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.exceptions import HTTPException as AnyHTTPException  # FastAPI's is a subclass
 
 from pupil.serve.batching import Batcher, Busy, Closed
-from pupil.serve.models import DEFAULT_LEVEL, EXPLAIN_METHODS, MAX_PIXELS, BadUpload, Served, open_upload, to_pixels
+from pupil.serve.models import (
+    DEFAULT_LEVEL,
+    EXPLAIN_METHODS,
+    GRADIENT_METHODS,
+    MAX_PIXELS,
+    BadUpload,
+    Served,
+    open_upload,
+    to_pixels,
+)
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # pragma: no cover
+
+    @asynccontextmanager
+    async def deadline(seconds: float):
+        import anyio
+
+        with anyio.fail_after(seconds):
+            yield
+
 
 log = logging.getLogger("pupil.serve")
 PAGE = Path(__file__).with_name("templates") / "index.html"
@@ -60,6 +92,8 @@ FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)  # a file part's Cont
 FIXED = {"/": "page", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/models": "models"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+JSON = (b"content-type", b"application/json")
 PAGE_CSP = (
     "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' blob: data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -142,16 +176,17 @@ def endpoint(path: str) -> str:
 async def reply(send: Callable, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """A JSON error response {"detail": ...} sent straight to the ASGI server."""
     body = json.dumps({"detail": detail}).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    head = [JSON, (b"content-length", str(len(body)).encode()), *(headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
 
 class Guard:
-    """API key, Host header, upload limit, request timeout and request metrics, in front of every route."""
+    """API key, Host header, upload limit, request timeout and request metrics, in front of every route; predict
+    is answered here by ``predict`` (see the module docstring), every other route by ``app`` (FastAPI)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings, metrics: Metrics, predict: Predictor):
+        self.app, self.settings, self.metrics, self.predict = app, settings, metrics, predict
         self.keys = [k.encode() for k in settings.api_keys]
         self.hosts = None if settings.allowed_hosts is None else {h.lower() for h in settings.allowed_hosts}
         self.series: dict[tuple[str, int], tuple] = {}
@@ -165,19 +200,44 @@ class Guard:
         async def send_(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-content-type-options", b"nosniff")]
+                message["headers"] = [*message.get("headers", ()), NOSNIFF]
             await send(message)
 
         try:
             refusal = self.refuse(scope, name)
             if refusal is not None:
                 await reply(send_, *refusal)
+            elif name == "predict" and scope["method"] == "POST":
+                status[0] = await self.answer(scope, self.counted(receive), send)
             elif name in TIMED:
                 await self.timed(scope, self.counted(receive), send_, status)
             else:
                 await self.app(scope, self.counted(receive), send_)
         finally:
             self.count(name, status[0] or 500, time.perf_counter() - t0)
+
+    async def answer(self, scope: dict, receive: Callable, send: Callable) -> int:
+        """Predict, within the timeout; the response (or the error) is sent whole, after the deadline or not. Returns
+        the status sent (0 when the client went away before an answer)."""
+        headers: list[tuple[bytes, bytes]] = []
+        try:
+            async with deadline(self.settings.timeout_s):
+                status, body = 200, await self.predict(scope, receive)
+        except TimeoutError:
+            status, body = 504, _detail(f"no answer within {self.settings.timeout_s:g} s")
+            headers.append((b"connection", b"close"))
+        except AnyHTTPException as e:
+            status, body = e.status_code, _detail(e.detail)
+            headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
+        except Disconnected:
+            return 0
+        except Exception:  # a bug: logged with its traceback, answered in one line
+            log.exception("predict failed")
+            status, body = 500, _detail("internal error; see the server's log")
+        head = [(b"content-length", b"%d" % len(body)), JSON, NOSNIFF, *headers]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+        return status
 
     def count(self, name: str, status: int, seconds: float) -> None:
         """One request in the metrics (each label set's series looked up once, then kept)."""
@@ -240,8 +300,6 @@ class Guard:
 
     def counted(self, receive: Callable) -> Callable:
         """``receive`` that counts body bytes and raises 413 as soon as they pass the limit."""
-        from starlette.exceptions import HTTPException
-
         seen, limit = 0, self.settings.max_upload_bytes
 
         async def receive_() -> dict:
@@ -254,6 +312,14 @@ class Guard:
             return message
 
         return receive_
+
+
+def _detail(detail: Any) -> bytes:
+    return json.dumps({"detail": detail}).encode()
+
+
+class Disconnected(Exception):
+    """The client went away before its request's body was read whole."""
 
 
 @dataclass
@@ -318,7 +384,92 @@ def _pixels_of(image: Any, served: Served, i: int, n: int) -> np.ndarray:
         raise BadUpload(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
 
 
-def create_app(models: list[Served], settings: Settings | None = None) -> FastAPI:
+class Predictor:
+    """``POST /v1/models/{name}/predict`` as plain ASGI, called by the guard: the JSON body of the answer, or an
+    HTTPException. The steps and messages are those of every other route: the model (404), the query (400), the
+    body (415/400), each image's header (415/413/400), then the batch."""
+
+    def __init__(self, state: State):
+        self.state = state
+        # What every answer of a model starts with, encoded once: the body is this, the conformal calibration and
+        # the predictions (the same bytes json.dumps gives the whole dict).
+        self.heads = {name: _head(served) for name, served in state.models.items()}
+        self.series: dict[str, tuple] = {}
+
+    async def __call__(self, scope: dict, receive: Callable) -> bytes:
+        state, settings = self.state, self.state.settings
+        name = scope["path"].split("/")[3]  # /v1/models/{name}/predict, as ``endpoint`` matched it
+        served = find(state.models, name)
+        query = _query(scope)
+        top, level = _top(query, served, settings), _level(query, served)
+        batcher = state.batchers.get(name)
+        if batcher is None:
+            raise HTTPException(503, "the server is not ready")
+        with batcher.arriving():
+            body = await _body(receive)
+            blobs = _uploads(_header(scope, b"content-type"), body, settings.max_images)
+            images = [await _open(state, served, b, i, len(blobs), large_only=True) for i, b in enumerate(blobs)]
+        try:
+            future = batcher.submit(len(images), Work(images, top, level))
+        except Closed as e:
+            raise HTTPException(503, str(e)) from None
+        except Busy as e:
+            raise HTTPException(503, str(e), headers={"retry-after": "1"}) from None
+        try:
+            answers, conformal = await future
+        except BadUpload as e:  # found while decoding (a truncated file passes the header check)
+            raise HTTPException(e.status, str(e)) from None
+        except Exception as e:  # the model failed on the batch, or gave non-finite logits for these images
+            log.error("predict on %s failed: %s", name, e)
+            raise HTTPException(
+                500, f"inference failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+            ) from None
+        self.count(name, answers)
+        tail = f'{json.dumps(conformal)}, "predictions": {json.dumps(answers)}}}'
+        return (self.heads[name] + tail).encode()
+
+    def count(self, name: str, answers: list[dict]) -> None:
+        """The images, deferrals and OOD flags of one answer in the metrics (each model's series looked up once)."""
+        series = self.series.get(name)
+        if series is None:
+            m = self.state.metrics
+            series = self.series[name] = (m.images.labels(name), m.deferrals.labels(name), m.ood.labels(name))
+        series[0].inc(len(answers))
+        if deferred := sum(a["deferral"]["deferred"] for a in answers):
+            series[1].inc(deferred)
+        if flagged := sum(bool(a["ood"]["flagged"]) for a in answers):
+            series[2].inc(flagged)
+
+
+def _head(served: Served) -> str:
+    """The start of every predict answer of ``served``, up to the conformal calibration's value."""
+    fixed = {
+        "model": served.name,
+        "version": served.version,
+        "calibration": {"temperature": served.temperature, "audited": served.temperature_audited},
+        "ood": {"score": served.ood.score, "threshold": served.ood.threshold},
+        "deferral": {"threshold": served.deferral_threshold, "target_accuracy": served.target_accuracy},
+    }
+    return json.dumps(fixed)[:-1] + ', "conformal": '
+
+
+class ServeApp(FastAPI):
+    """FastAPI behind the guard: every request passes ``guard`` first, which answers predict itself and hands the
+    rest to FastAPI (see the module docstring)."""
+
+    guard: Guard
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await self.guard(scope, receive, send)
+
+
+def find(models: dict[str, Served], name: str) -> Served:
+    if name not in models:
+        raise HTTPException(404, f"no model named {name[:100]!r}; this server has {', '.join(models)}")
+    return models[name]
+
+
+def create_app(models: list[Served], settings: Settings | None = None) -> ServeApp:
     """The FastAPI app serving ``models`` (loaded and warmed up by ``load_served``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -357,14 +508,10 @@ def create_app(models: list[Served], settings: Settings | None = None) -> FastAP
 
     # No /docs (its page loads scripts from a CDN) and no /openapi.json (predict and explain are plain routes, so it
     # would describe half the API); the module docstring is the reference.
-    app = FastAPI(title="pupil serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, settings=settings, metrics=state.metrics)
+    app = ServeApp(title="pupil serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    predictor = Predictor(state)
+    app.guard = Guard(functools.partial(FastAPI.__call__, app), settings, state.metrics, predictor)
     app.state.pupil = state
-
-    def find(name: str) -> Served:
-        if name not in by_name:
-            raise HTTPException(404, f"no model named {name[:100]!r}; this server has {', '.join(by_name)}")
-        return by_name[name]
 
     def json_response(body: Any, status: int = 200) -> Response:
         return Response(json.dumps(body), status, media_type="application/json")
@@ -394,66 +541,31 @@ def create_app(models: list[Served], settings: Settings | None = None) -> FastAP
 
     @app.get("/v1/models/{name}")
     async def one_model(name: str) -> Response:
-        return json_response(find(name).describe())
+        return json_response(find(by_name, name).describe())
 
     @app.get("/v1/models/{name}/report")
     async def report(name: str) -> Response:
-        served = find(name)
+        served = find(by_name, name)
         path = served.report  # a fixed file name inside the run directory: nothing of the URL reaches the path
         if path is None:
             raise HTTPException(404, f"{name} has no report card: run `pupil report` on its run directory")
         return FileResponse(path, media_type="text/html", headers={"content-security-policy": REPORT_CSP})
 
     async def predict(request: Request) -> Response:
-        name = request.path_params["name"]
-        served = find(name)
-        top, level = _top(request, served, settings), _level(request, served)
-        batcher = state.batchers.get(name)
-        if batcher is None:
-            raise HTTPException(503, "the server is not ready")
-        with batcher.arriving():
-            blobs = await _uploads(request, settings.max_images)
-            images = [await _open(state, served, b, i, len(blobs), large_only=True) for i, b in enumerate(blobs)]
-        try:
-            future = batcher.submit(len(images), Work(images, top, level))
-        except Closed as e:
-            raise HTTPException(503, str(e)) from None
-        except Busy as e:
-            raise HTTPException(503, str(e), headers={"retry-after": "1"}) from None
-        try:
-            answers, conformal = await future
-        except BadUpload as e:  # found while decoding (a truncated file passes the header check)
-            raise HTTPException(e.status, str(e)) from None
-        except Exception as e:  # the model failed on the batch, or gave non-finite logits for these images
-            log.error("predict on %s failed: %s", name, e)
-            raise HTTPException(
-                500, f"inference failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
-            ) from None
-        m = state.metrics
-        m.images.labels(name).inc(len(answers))
-        if deferred := sum(a["deferral"]["deferred"] for a in answers):
-            m.deferrals.labels(name).inc(deferred)
-        if flagged := sum(bool(a["ood"]["flagged"]) for a in answers):
-            m.ood.labels(name).inc(flagged)
-        body = {
-            "model": served.name,
-            "version": served.version,
-            "calibration": {"temperature": served.temperature, "audited": served.temperature_audited},
-            "ood": {"score": served.ood.score, "threshold": served.ood.threshold},
-            "deferral": {"threshold": served.deferral_threshold, "target_accuracy": served.target_accuracy},
-            "conformal": conformal,
-            "predictions": answers,
-        }
-        return json_response(body)
+        """The guard answers predict itself; this route gives other methods their 405, and serves predict should
+        the app ever be called without its guard."""
+        return Response(await predictor(request.scope, request.receive), media_type="application/json")
 
     async def explain(request: Request) -> Response:
         name = request.path_params["name"]
-        served = find(name)
+        served = find(by_name, name)
         method = request.query_params.get("method", served.explain_method)
         if method not in EXPLAIN_METHODS:
             raise HTTPException(400, f"method must be one of {', '.join(EXPLAIN_METHODS)}, not {method[:50]!r}")
-        target = _target(request, served)
-        blobs = await _uploads(request, 1)
+        if method in GRADIENT_METHODS and not served.gradients:
+            raise HTTPException(400, f"{name} gives no gradients (an ONNX Runtime model): use method=occlusion")
+        target = _target(request.query_params, served)
+        blobs = _uploads(request.headers.get("content-type", ""), await request.body(), 1)
         pixels = await _open(state, served, blobs[0], 0, 1, large_only=False)
         loop = asyncio.get_running_loop()
         try:
@@ -471,7 +583,7 @@ def create_app(models: list[Served], settings: Settings | None = None) -> FastAP
         return Response(png, media_type="image/png", headers=headers)
 
     # Plain Starlette routes: these two read everything from the request themselves, so FastAPI's parameter
-    # resolution would only add work to the hot path; they are matched first.
+    # resolution would only add work; they are matched first.
     app.add_route("/v1/models/{name}/predict", predict, methods=["POST"], include_in_schema=False)
     app.add_route("/v1/models/{name}/explain", explain, methods=["POST"], include_in_schema=False)
     app.router.routes.sort(key=lambda r: getattr(r, "path", "") not in HOT)  # a stable sort
@@ -482,8 +594,8 @@ def create_app(models: list[Served], settings: Settings | None = None) -> FastAP
 # Request parsing
 
 
-def _top(request: Request, served: Served, settings: Settings) -> int:
-    raw = request.query_params.get("top")
+def _top(query: Mapping[str, str], served: Served, settings: Settings) -> int:
+    raw = query.get("top")
     if raw is None:
         return min(settings.top, len(served.classes))
     if not raw.isdigit() or not 1 <= int(raw) <= len(served.classes):
@@ -491,9 +603,9 @@ def _top(request: Request, served: Served, settings: Settings) -> int:
     return int(raw)
 
 
-def _level(request: Request, served: Served) -> float | None:
+def _level(query: Mapping[str, str], served: Served) -> float | None:
     """The conformal level: ``?conformal=0.9``, ``?conformal=off``, or 0.95 when the run was audited for it."""
-    raw = request.query_params.get("conformal")
+    raw = query.get("conformal")
     if raw is None:
         return DEFAULT_LEVEL if served.conformal is not None else None
     if raw.lower() in ("off", "none", "0"):
@@ -509,8 +621,8 @@ def _level(request: Request, served: Served) -> float | None:
     return round(level, 6)  # a bounded number of distinct calibrations
 
 
-def _target(request: Request, served: Served) -> int | None:
-    raw = request.query_params.get("target")
+def _target(query: Mapping[str, str], served: Served) -> int | None:
+    raw = query.get("target")
     if raw is None:
         return None
     if raw in served.classes:
@@ -520,17 +632,39 @@ def _target(request: Request, served: Served) -> int | None:
     raise HTTPException(400, f"unknown class {raw[:100]!r}; give a class name or an index below {len(served.classes)}")
 
 
-async def _uploads(request: Request, most: int) -> list[bytes]:
-    """The uploaded images' bytes (at most ``most``), from a multipart form, base64 JSON or a raw image body.
-    The guard has already bounded the body's size, so it is read whole."""
-    kind, _, params = request.headers.get("content-type", "").partition(";")
+def _query(scope: dict) -> dict[str, str]:
+    """The query string's parameters (the last of a repeated one), as Starlette's ``query_params`` reads them."""
+    raw = scope.get("query_string", b"")
+    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
+
+
+def _header(scope: dict, name: bytes) -> str:
+    """The first value of a header (lower-case ``name``), or ""."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), "")
+
+
+async def _body(receive: Callable) -> bytes:
+    """The whole request body (the guard's ``receive`` has bounded its size)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _uploads(content_type: str, body: bytes, most: int) -> list[bytes]:
+    """The uploaded images' bytes (at most ``most``), from a multipart form, base64 JSON or a raw image body."""
+    kind, _, params = content_type.partition(";")
     kind = kind.strip().lower()
     if kind == "multipart/form-data":
-        blobs = multipart_files(await request.body(), params, most)
+        blobs = multipart_files(body, params, most)
     elif kind == "application/json":
-        blobs = _base64_images(await request.body(), most)
+        blobs = _base64_images(body, most)
     elif kind.startswith("image/") or kind == "application/octet-stream":
-        blobs = [await request.body()]
+        blobs = [body]
     else:
         raise HTTPException(
             415,
