@@ -190,7 +190,7 @@ def render_compare(board: dict[str, Any]) -> str:
                 r["name"],
                 r["model"],
                 fmt(r["params"]),
-                fmt(r["flops"]),
+                fmt(r["flops"]) if r["flops"] is not None else "not counted",
                 fmt(r["top1"], "fraction"),
                 ci,
                 fmt(r["macro_f1"]),
