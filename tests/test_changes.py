@@ -489,3 +489,20 @@ def test_compare_adds_the_view_for_a_compressed_run(pair, tmp_path):
     assert [c["title"] for c in board["changes"]["comparisons"]] == ["what changed"]
     assert "seed 0 vs 1" in board["changes"]["refused"][0]["reason"]
     assert 'class="warn changes-refused"' in (tmp_path / "c3" / "compare.html").read_text()
+
+
+def test_robust_accuracies_of_different_attacks_are_not_differenced(pair, tmp_path):
+    """A gradient-free artefact is attacked by Square Attack where the base met PGD: both figures are shown, and
+    their difference is not taken (it would measure the attackers, not the compression)."""
+    y, z0, z1 = pair["y"], pair["z0"], pair["z1"]
+    base = write_run(tmp_path / "b", y, z0, K4, others=_others())
+    others = _others()
+    others["adversarial"]["headline"]["label"] = "Square Attack robust accuracy at ε=0.1 (L∞)"
+    base_results = json.loads((base / "results.json").read_text())
+    base_results["checks"]["adversarial"]["headline"]["label"] = "PGD robust accuracy at ε=0.1 (L∞)"
+    (base / "results.json").write_text(json.dumps(base_results))
+    new = write_run(tmp_path / "n", y, z1, K4, others=others)
+    (c,) = ch.changes(base, [new], n_bootstrap=B)["comparisons"]
+    row = {r["figure"]: r for r in c["figures"]}["adversarial.robust_top1"]
+    assert row["difference"] is None and row["detail"] == "not comparable: attacked by PGD vs Square Attack"
+    assert row["base"] == row["new"] == 0.3
