@@ -137,7 +137,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, split, order and augmentation."""
     task: str = "classification"
-    """Training task (method): classification, distill, adversarial or noise."""
+    """Training task (method): classification, distill, adversarial, noise or metric."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     precision: str = "auto"
@@ -217,11 +217,69 @@ class NoiseConfig:
             raise PupilError("epsilon, sigma and adv_alpha must be non-negative and adv_steps at least 1")
 
 
-TaskConfig = DistillConfig | AdversarialConfig | NoiseConfig
+# The losses of the metric task: (the loss's margin, its scale) at pytorch-metric-learning's defaults (ArcFace's
+# margin in degrees: 28.6 is the paper's 0.5 rad), or None for the pair loss, which takes ms_* settings instead.
+METRIC_LOSSES = {"arcface": (28.6, 64.0), "proxyanchor": (0.1, 32.0), "multisimilarity": None}
+PAIR_FIELDS = ("ms_alpha", "ms_beta", "ms_base", "miner", "miner_epsilon")
+EMBED_DIMS = (64, 128)  # the embedding sizes the metric task trains: small enough for fast search (issue 18)
+DEFAULT_EMBED_DIM = 128
+
+
+@dataclass
+class MetricConfig:
+    metric_loss: str = "arcface"
+    """Metric learning: arcface (Deng et al. 2019), proxyanchor (Kim et al. 2020) or multisimilarity (pairs
+    picked by MultiSimilarityMiner, Wang et al. 2019); the embedding's size is model_args embed_dim (default 128)."""
+    metric_margin: float | None = None
+    """Metric learning: the proxy loss's margin (arcface: degrees, default 28.6; proxyanchor: delta, default 0.1)."""
+    metric_scale: float | None = None
+    """Metric learning: the proxy loss's scale (arcface: s, default 64; proxyanchor: alpha, default 32)."""
+    ms_alpha: float = 2.0
+    """Metric learning, multisimilarity: weight of the positive pairs' similarities."""
+    ms_beta: float = 50.0
+    """Metric learning, multisimilarity: weight of the negative pairs' similarities."""
+    ms_base: float = 0.5
+    """Metric learning, multisimilarity: the similarity threshold (lambda) pairs are pushed past."""
+    miner: bool = True
+    """Metric learning, multisimilarity: train on the pairs MultiSimilarityMiner picks (else on all pairs)."""
+    miner_epsilon: float = 0.1
+    """Metric learning, multisimilarity: the miner's margin epsilon for keeping a pair."""
+
+    def __post_init__(self):
+        if self.metric_loss not in METRIC_LOSSES:
+            raise PupilError(f"unknown metric loss {self.metric_loss!r}; choose {', '.join(METRIC_LOSSES)}")
+        # A setting of the other kind of loss would be ignored in silence: refuse it instead.
+        proxy_given = [k for k in ("metric_margin", "metric_scale") if getattr(self, k) is not None]
+        pair_given = [
+            f.name for f in dataclasses.fields(self) if f.name in PAIR_FIELDS and getattr(self, f.name) != f.default
+        ]
+        if METRIC_LOSSES[self.metric_loss] is None and proxy_given:
+            raise PupilError(f"{proxy_given[0]} is a setting of the proxy losses; multisimilarity takes ms_base")
+        if METRIC_LOSSES[self.metric_loss] is not None and pair_given:
+            raise PupilError(f"{pair_given[0]} is a setting of the multisimilarity loss, not of {self.metric_loss}")
+        top = 90 if self.metric_loss == "arcface" else 1  # ArcFace's margin is an angle in degrees
+        if self.metric_margin is not None and not 0 <= self.metric_margin < top:
+            raise PupilError(f"metric_margin of {self.metric_loss} must be >= 0 and below {top}")
+        if (self.metric_scale is not None and self.metric_scale <= 0) or self.ms_alpha <= 0 or self.ms_beta <= 0:
+            raise PupilError("metric_scale, ms_alpha and ms_beta must be positive")
+        if not -1 < self.ms_base < 1 or self.miner_epsilon < 0:
+            raise PupilError("ms_base must lie between -1 and 1 (a cosine similarity) and miner_epsilon be >= 0")
+
+    def margin_and_scale(self) -> tuple[float, float]:
+        """The proxy loss's (margin, scale): the ones given, else the loss's defaults."""
+        margin, scale = METRIC_LOSSES[self.metric_loss]
+        return (
+            margin if self.metric_margin is None else self.metric_margin,
+            scale if self.metric_scale is None else self.metric_scale,
+        )
+
+
+TaskConfig = DistillConfig | AdversarialConfig | NoiseConfig | MetricConfig
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {
     "distill": DistillConfig,
     "adversarial": AdversarialConfig,
     "noise": NoiseConfig,
+    "metric": MetricConfig,
 }
 
 
@@ -241,6 +299,25 @@ class Config:
         if type(self.task) is not (cls or type(None)):
             takes = cls.__name__ if cls else "no settings"
             raise PupilError(f"task {self.train.task!r} takes {takes}, not {self.task!r}")
+        dim = self.model.model_args.get("embed_dim")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise PupilError(f"model_args embed_dim must be a positive integer, not {dim!r}")
+        if self.train.task == "metric":
+            self.check_metric()
+
+    def check_metric(self) -> None:
+        """The metric task trains an embedding network: refuse what cannot make one, and give the model its
+        ``embed_dim`` (run.json then records it with the model's other arguments, so the run loads by name)."""
+        if self.model.pretrained:
+            raise PupilError("--task metric builds an embedding head on a model; it cannot start from --pretrained")
+        if self.data.mixup or self.data.cutmix:
+            raise PupilError("--task metric needs one label per image; turn mixup and cutmix off")
+        dim = self.model.model_args.setdefault("embed_dim", DEFAULT_EMBED_DIM)
+        low, high = EMBED_DIMS
+        if not low <= dim <= high:
+            raise PupilError(
+                f"--task metric trains embeddings of {low} to {high} dimensions; model_args embed_dim is {dim}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

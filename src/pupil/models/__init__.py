@@ -19,6 +19,7 @@ from pupil.models import (  # noqa: F401  (registers the families)
     vit,
 )
 from pupil.models.contract import PixelModel, check_contract, gradcam_module
+from pupil.models.embedding import EmbeddingNet, PixelEmbedder
 from pupil.models.registry import MODELS, create
 
-__all__ = ["MODELS", "PixelModel", "check_contract", "create", "gradcam_module"]
+__all__ = ["MODELS", "EmbeddingNet", "PixelEmbedder", "PixelModel", "check_contract", "create", "gradcam_module"]

@@ -5,13 +5,14 @@ with settings names their dataclass as ``Config`` (``pupil.config.TASK_CONFIGS``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pupil.config import AdversarialConfig, DistillConfig, NoiseConfig
+from pupil.config import METRIC_LOSSES, AdversarialConfig, DistillConfig, MetricConfig, NoiseConfig
 from pupil.errors import PupilError
 from pupil.registry import Registry
 
@@ -153,3 +154,123 @@ class NoiseTask:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = model(x + self.sigma * torch.randn_like(x))
         return {"loss": cross_entropy(logits, y, self.label_smoothing), "logits": logits}
+
+
+@TASKS.register("metric")
+class MetricTask:
+    """Metric learning: a loss of pytorch-metric-learning on the L2-normalised embedding of an embedding network
+    (``pupil.models.embedding``; ``--task metric`` gives the model its ``embed_dim``).
+
+    ``arcface`` (additive angular margin, Deng et al. 2019) and ``proxyanchor`` (Kim et al. 2020) learn one proxy
+    per class. Their proxies are the network's cosine classifier (``net.head.weight``, (C, D)), handed to the
+    loss at each step with ``torch.func.functional_call`` in place of the loss's own parameter (never used): the
+    optimizer, built from the network's parameters, trains them, and model.safetensors keeps them. The class
+    logits are then the nearest-proxy classifier of the embedding. ``multisimilarity`` (Wang et al. 2019) weighs
+    the pairs that MultiSimilarityMiner picks in the batch; the cosine classifier then learns by cross-entropy on
+    detached embeddings, reading the embedding without shaping it.
+
+    In every case the logit scale learns by cross-entropy on detached cosines, which fits a temperature and
+    nothing else; label smoothing is not applied to it (it would make the logits under-confident on purpose).
+    The returned ``loss`` is the metric loss plus that cross-entropy, ``logits`` the cosine logits.
+    """
+
+    Config = MetricConfig
+
+    def __init__(self, settings: MetricConfig, num_classes: int, embed_dim: int):
+        from pytorch_metric_learning import losses, miners
+
+        self.kind = settings.metric_loss
+        self.miner = None
+        if METRIC_LOSSES[self.kind] is None:
+            self.loss = losses.MultiSimilarityLoss(
+                alpha=settings.ms_alpha, beta=settings.ms_beta, base=settings.ms_base
+            )
+            if settings.miner:
+                self.miner = miners.MultiSimilarityMiner(epsilon=settings.miner_epsilon)
+        else:
+            margin, scale = settings.margin_and_scale()
+            if self.kind == "arcface":
+                self.loss = losses.ArcFaceLoss(num_classes, embed_dim, margin=margin, scale=scale)
+            else:
+                self.loss = losses.ProxyAnchorLoss(num_classes, embed_dim, margin=margin, alpha=scale)
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device, classes: list[str], **_: Any) -> MetricTask:
+        from pupil.extras import require
+
+        require(("pytorch_metric_learning",), "--task metric", extra="search")
+        return cls(cfg.task, len(classes), cfg.model.model_args["embed_dim"])
+
+    def metric_loss(self, embedding: torch.Tensor, y: torch.Tensor, proxies: torch.Tensor | None) -> torch.Tensor:
+        """The chosen loss of embeddings (B, D) with labels (B,), the proxy losses on ``proxies`` (C, D)."""
+        if self.kind == "arcface":  # pytorch-metric-learning keeps ArcFace's class weights as (D, C)
+            return torch.func.functional_call(self.loss, {"W": proxies.t()}, (embedding, y))
+        if self.kind == "proxyanchor":
+            return torch.func.functional_call(self.loss, {"proxies": proxies}, (embedding, y))
+        pairs = self.miner(embedding, y) if self.miner is not None else None
+        return self.loss(embedding, y, pairs)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        net = model.net
+        if not hasattr(net, "embedding_dim"):
+            raise PupilError("--task metric needs a model with an embedding head (model_args embed_dim)")
+        embedding = net.forward_head(net.forward_features(model.normalize(x)), pre_logits=True)  # (B, D)
+        with torch.autocast(x.device.type, enabled=False):  # the losses' exponentials in float32
+            embedding = embedding.float()
+            loss = self.metric_loss(embedding, y, net.head.weight)
+            pair_loss = METRIC_LOSSES[self.kind] is None
+            # (B, C); the proxy losses own the proxies, so the classifier's cross-entropy fits the scale alone
+            cosine = net.head.cosine(embedding.detach())
+            logits = net.head.log_scale.exp() * (cosine if pair_loss else cosine.detach())
+            loss = loss + F.cross_entropy(logits, y)
+        return {"loss": loss, "logits": logits}
+
+    def validate(self, model: nn.Module, ds: Any, **predict_args: Any) -> dict[str, float]:
+        """Leave-one-out Recall@1 and MAP@R of ``ds``'s embeddings (``predict_args`` as for ``predict_logits``),
+        the figures to select a metric run's epoch by."""
+        from pupil.models import PixelEmbedder
+        from pupil.predict import predict_logits
+
+        embeddings = predict_logits(PixelEmbedder(model), ds, **predict_args)
+        return retrieval_scores(embeddings, ds.targets)
+
+
+def retrieval_scores(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> dict[str, float]:
+    """Recall@1 and MAP@R of unit-length embeddings by cosine similarity (Musgrave, Belongie & Lim 2020, Sec. 3.2).
+
+    Each query (Q, D) searches the gallery (N, D), or the other queries when no gallery is given (leave-one-out).
+    With R the number of gallery items of the query's class, MAP@R is the mean over queries of
+    ``(1/R) * sum_{i<=R} P(i) * rel(i)``: precision at each relevant rank among the first R. Queries without a
+    relevant item are left out of the means.
+    """
+    leave_one_out = gallery is None
+    if gallery is None or gallery_labels is None:
+        gallery, gallery_labels = query, query_labels
+    query, gallery = query.float(), gallery.float()
+    classes = int(max(query_labels.max(), gallery_labels.max())) + 1
+    relevant = torch.bincount(gallery_labels, minlength=classes)[query_labels] - int(leave_one_out)  # R, (Q,)
+    depth = int(relevant.max())
+    ranks = torch.arange(1, depth + 1)
+    hit1, ap = [], []
+    for start in range(0, len(query), chunk):
+        sim = query[start : start + chunk] @ gallery.t()  # (b, N)
+        b = len(sim)
+        if leave_one_out:
+            sim[torch.arange(b), torch.arange(start, start + b)] = -math.inf
+        top = sim.topk(depth, dim=1).indices  # (b, depth), nearest first
+        r = relevant[start : start + b]
+        hits = (gallery_labels[top] == query_labels[start : start + b, None]) & (ranks <= r[:, None])
+        precision = hits.cumsum(1) / ranks
+        ap.append((precision * hits).sum(1) / r.clamp(min=1))
+        hit1.append(hits[:, 0].float())
+    keep = relevant > 0
+    return {
+        "recall_at_1": torch.cat(hit1)[keep].mean().item(),
+        "map_at_r": torch.cat(ap)[keep].mean().item(),
+    }
