@@ -428,7 +428,5 @@ def readme_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 if __name__ == "__main__":
     main()
