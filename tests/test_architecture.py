@@ -14,9 +14,9 @@ LAYERS = [
     {"data", "models", "robust"},
     {"runtime", "energy", "results", "metrics"},
     {"run", "predict"},
-    {"ood", "explain", "sources", "conformal"},
+    {"ood", "explain", "sources", "conformal", "search"},
     {"training"},
-    {"audit", "report"},
+    {"audit", "report", "compress"},
     {"api", "serve"},
     {"cli", "__init__"},
     {"__main__"},
@@ -50,7 +50,10 @@ def test_every_part_of_the_package_has_a_layer():
 
 # The one import up the layers: ``pupil.audit`` is a callable package, so that ``pupil.audit(model, data)`` works
 # although importing the package binds that name; its ``__call__`` hands over to ``pupil.api.audit`` at call time.
-UPWARD = {("audit/__init__.py", "api")}
+# And ``load_run`` opens a compressed run's artefact (ONNX, TorchScript, a torch.export archive) through
+# ``pupil.compress.export.load_artefact``, imported when such a run is loaded: a run directory is the contract that
+# lets audit and compare treat a deployed artefact like a trained model.
+UPWARD = {("audit/__init__.py", "api"), ("run.py", "compress")}
 
 
 def test_imports_only_go_down_the_layers():

@@ -75,7 +75,8 @@ def test_constructor_signatures_are_the_truth():
 def test_drop_path_is_refused_where_the_model_has_none():
     from pupil.errors import PupilError
 
-    with pytest.raises(PupilError, match="^model lenet5 has no argument 'drop_path_rate'; it takes widths, drop_rate$"):
+    takes = "widths, drop_rate, embed_dim"
+    with pytest.raises(PupilError, match=f"^model lenet5 has no argument 'drop_path_rate'; it takes {takes}$"):
         create("lenet5", drop_rate=0.0, drop_path_rate=0.1)
     with pytest.raises(PupilError, match="^model shufflenetv2_test has no argument 'drop_path_rate'"):
         create("shufflenetv2_test", drop_path_rate=0.1)
