@@ -916,8 +916,8 @@ def test_graceful_shutdown_finishes_requests_in_flight(audited, files):
             asks = [pool.submit(ask, port) for _ in range(4)]
             assert entered.wait(10)
             deadline = time.monotonic() + 10
-            while state.batchers["smoke"].queued < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)  # one request in the forward pass, three queued
+            while state.batchers["smoke"].pending < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)  # all four in: one or two (arrived together) in the held forward pass, the rest queued
             server.should_exit = True
             deadline = time.monotonic() + 10  # its own time: a loaded machine may have spent the first on queueing
             while time.monotonic() < deadline:  # the server stops accepting first...
