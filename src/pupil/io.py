@@ -5,6 +5,7 @@ A killed process therefore leaves either the old file or the new one, never half
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -78,3 +79,12 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes in hex, read in 1 MiB blocks (model files may be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -41,6 +41,7 @@ from pupil.data import ImageDataset
 from pupil.data.images import Fit, memory_budget
 from pupil.errors import PupilError
 from pupil.extras import require
+from pupil.io import sha256_file
 from pupil.models.contract import PixelModel
 from pupil.run import Run
 
@@ -684,12 +685,9 @@ def _file_map(path: Path, data_classes: list[str], model_classes: list[str]) -> 
 
 def weights_hash(opened: Opened) -> str | None:
     """sha256 of the weights or model file (first 12 hex digits), or of the module's state dict."""
-    h = hashlib.sha256()
     if opened.weights_file is not None and opened.weights_file.is_file():
-        with open(opened.weights_file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()[:12]
+        return sha256_file(opened.weights_file)[:12]
+    h = hashlib.sha256()
     try:
         state = opened.net.state_dict()
     except (RuntimeError, AttributeError):

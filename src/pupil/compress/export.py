@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import logging
 import re
@@ -39,6 +38,7 @@ from torch import nn
 
 from pupil.errors import PupilError
 from pupil.extras import require
+from pupil.io import sha256_file
 from pupil.models.contract import PixelModel
 
 FORMATS = ("onnx", "torchscript", "pt2", "safetensors")
@@ -330,14 +330,6 @@ def native_dtype(dtype: str, device: torch.device) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading an artefact back
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def session_options(threads: int | None = None):

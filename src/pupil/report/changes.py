@@ -31,7 +31,6 @@ Flags judge the point estimates against ``THRESHOLDS`` (the limits of the compre
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pupil.errors import PupilError
-from pupil.io import read_json
+from pupil.io import read_json, sha256_file
 from pupil.report.paired import (
     ALPHA,
     _corruption_figure,
@@ -537,7 +536,7 @@ def _provenance(base: Audit, new: Audit) -> tuple[dict[str, Any] | None, list[st
     said = {k: comp[k] for k in PROVENANCE if k in comp} | {"base": origin}
     recorded, path = origin.get("weights_sha256"), base.dir / "model.safetensors"
     if recorded and path.is_file():
-        if _sha256(path) != recorded:
+        if sha256_file(path) != recorded:
             return said, [
                 f"{new.dir} was compressed from {origin.get('path')} (weights sha256 {recorded[:12]}…), not from "
                 f"the weights in {path}: BASE is not its base, or was retrained since"
@@ -545,14 +544,6 @@ def _provenance(base: Audit, new: Audit) -> tuple[dict[str, Any] | None, list[st
     elif origin.get("path") and Path(origin["path"]).resolve() != base.dir.resolve():
         return said, [f"{new.dir} was compressed from {origin['path']}, not from {base.dir}"]
     return said, []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _change(base: Audit, new: Audit, n_bootstrap: int, seed: int, images: _Images) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pupil.data.images import CONVERSIONS, convert_channels
 from pupil.errors import PupilError
+from pupil.io import sha256_file
 from pupil.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -61,12 +62,9 @@ def weights_sha256(run: Run) -> str:
     recorded = (run.info.get("source") or {}).get("weights_sha256")
     if recorded:
         return recorded
-    h = hashlib.sha256()
     if run.weights_file is not None and run.weights_file.is_file():
-        with open(run.weights_file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()[:12]
+        return sha256_file(run.weights_file)[:12]
+    h = hashlib.sha256()
     state = run.model.net.state_dict()
     for key in sorted(state):
         h.update(key.encode())

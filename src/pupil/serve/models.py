@@ -32,7 +32,6 @@ gets the server's threads without spinning (``serving_session``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import tempfile
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from pupil.errors import PupilError
+from pupil.io import sha256_file
 
 if TYPE_CHECKING:
     from pupil.run import Run
@@ -405,11 +405,7 @@ class Served:
 
 def weights_version(path: Path) -> str:
     """The first 12 hex digits of the sha256 of the weights file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def load_served(path: str | Path | Run, device: torch.device, warm_batch: int = 1, threads: int = 1) -> Served:
