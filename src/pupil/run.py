@@ -293,10 +293,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     Raises PupilError naming the problem when a file is missing or corrupt, or when the weights do
     not fit the architecture or class list that run.json records.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pupil.models import PixelModel, create
+    from pupil.models import PixelModel
 
     run_dir = Path(path)
     info = read_info(run_dir)
@@ -312,10 +309,28 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
     if not weights.exists():
         raise PupilError(f"{run_dir} has no model.safetensors (the run never finished an epoch)")
     m, d = info["model"], info["data"]
-    if clash := {"num_classes", "in_chans", "img_size"} & set(m.get("kwargs", {})):
-        raise PupilError(f"{run_dir}/run.json: model kwargs may not set {', '.join(sorted(clash))}")
     if len(d["classes"]) != m["num_classes"]:
         raise PupilError(f"{run_dir}/run.json lists {len(d['classes'])} classes but the model has {m['num_classes']}")
+    net = rebuild_net(info, weights, f"{run_dir}/run.json")
+    run.weights_file = weights
+    run.model = PixelModel(net, d["mean"], d["std"], tta=info.get("tta", False)).to(device).eval()
+    return run
+
+
+def rebuild_net(info: dict[str, Any], weights: Path, where: str) -> torch.nn.Module:
+    """The registered network ``info["model"]`` names, built with its recorded arguments, with the tensors of the
+    safetensors file ``weights`` loaded (floating-point ones as fp32, whatever dtype they were stored in).
+
+    Raises PupilError naming the problem: model kwargs that clash with the recorded shape (``where`` names the file
+    that records them), a corrupt file, a tensor missing, of another shape (a different class list), or extra."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from pupil.models import create
+
+    m = info["model"]
+    if clash := {"num_classes", "in_chans", "img_size"} & set(m.get("kwargs", {})):
+        raise PupilError(f"{where}: model kwargs may not set {', '.join(sorted(clash))}")
     net = create(
         m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], img_size=m["img_size"], **m.get("kwargs", {})
     )
@@ -334,8 +349,5 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", load_model: b
             )
     if extra := set(state) - set(expected):
         raise PupilError(f"{weights} holds tensors that {m['name']} does not have: {', '.join(sorted(extra)[:3])}")
-    net.load_state_dict(state)
-    run.weights_file = weights
-    model = PixelModel(net, d["mean"], d["std"], tta=info.get("tta", False)).to(device).eval()
-    run.model = model
-    return run
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return net

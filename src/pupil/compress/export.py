@@ -395,23 +395,10 @@ def load_artefact(run_dir: Path, info: dict[str, Any], device: torch.device) -> 
 
 def _load_weights(info: dict[str, Any], path: Path, device: torch.device) -> PixelModel:
     """A safetensors artefact: the registered network rebuilt by name, its weights loaded, kept in their dtype."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from pupil.run import rebuild_net
 
-    from pupil.models import create
-
-    m, d = info["model"], info["data"]
-    net = create(
-        m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], img_size=m["img_size"], **m.get("kwargs", {})
-    )
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise PupilError(f"corrupt weights {path}: {e}") from None
-    try:
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    except RuntimeError as e:
-        raise PupilError(f"{path} does not fit {m['name']}: {str(e).splitlines()[0][:200]}") from None
+    net = rebuild_net(info, path, f"{path.parent}/run.json")
+    d = info["data"]
     dtype = DTYPES[info["compressed"].get("dtype", "fp32")]
     net = Cast(net, dtype) if dtype != torch.float32 else net
     return PixelModel(net, d["mean"], d["std"], tta=info.get("tta", False)).to(device).eval()
