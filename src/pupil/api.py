@@ -94,8 +94,8 @@ def audit(
                 on_check=on_check,
                 precision=precision,
                 max_memory=max_memory,
+                amend=_judge(rules, gate),
             )
-            results = _judge(results, rules, gate, run_dir)
             render_run(run_dir, thresholds)
         return results
 
@@ -136,8 +136,8 @@ def audit(
                 settings=settings,
                 on_check=on_check,
                 precision=precision,
+                amend=_judge(rules, gate),
             )
-            results = _judge(results, rules, gate, out)
             render_run(out, thresholds)
     except BaseException:
         if created:
@@ -161,15 +161,10 @@ def _gate_rules(gate: str | Path | None) -> list:
     return rules
 
 
-def _judge(results: dict[str, Any], rules: list, gate: str | Path | None, run_dir: str | Path) -> dict[str, Any]:
-    """The results with the gate's verdict under ``gate``, written back to results.json (no gate: unchanged)."""
+def _judge(rules: list, gate: str | Path | None) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """What adds the gate's verdict to the results under ``gate`` before results.json is written (None: no gate)."""
     if gate is None:
-        return results
-    from pupil.io import write_json
+        return None
     from pupil.report.gates import evaluate
-    from pupil.results import validate
 
-    results = {**results, "gate": evaluate(rules, results, file=str(gate))}
-    validate(results)
-    write_json(Path(run_dir) / "results.json", results)
-    return results
+    return lambda results: {**results, "gate": evaluate(rules, results, file=str(gate))}

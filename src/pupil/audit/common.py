@@ -348,8 +348,12 @@ def run_audit(
     on_check: Callable[[str, str], None] | None = None,
     precision: str = "fp32",
     max_memory: int | str | None = None,
+    amend: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the named checks (all registered ones by default) and write ``<run>/results.json``.
+
+    ``amend`` takes the finished results and returns them with more sections (the release gate's verdict), so
+    that results.json is written once, complete.
 
     ``run_dir`` is a run directory, or a ``Run`` from ``pupil.sources.open_audit`` (a model pupil did not
     train; results.json goes to its ``dir``).
@@ -448,6 +452,8 @@ def run_audit(
         "audit": audit,
         "checks": {k: sections[k] for k in sorted(sections, key=_order)},
     }
+    if amend is not None:
+        results = amend(results)
     validate(results)
     for n, tensors in per_image.items():
         write_per_image(run_dir, n, tensors, audit)
