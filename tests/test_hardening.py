@@ -259,7 +259,7 @@ def test_manifest_rows_for_missing_files_are_bad_images(tmp_path):
     assert len(ds) == 8 and ds.meta["bad_images"][0]["reason"] == "missing file"
 
 
-# 6. a real SIGINT anywhere in a step resumes bit-exactly -------------------------------------------------------
+# 6. a real SIGINT or SIGTERM anywhere in a step resumes bit-exactly ---------------------------------------------
 
 SIGINT_SCRIPT = textwrap.dedent(
     """
@@ -268,13 +268,13 @@ SIGINT_SCRIPT = textwrap.dedent(
     from pupil.errors import Interrupted
     from pupil.training.loop import fit
 
-    recipe, out, where, at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    recipe, out, where, at, signame = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     fired = []
 
     def kill(*_):
         if not fired:
             fired.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered in the middle of the step
+            os.kill(os.getpid(), getattr(signal, signame))  # a real signal, delivered in the middle of the step
 
     def on_step(state):
         if state.step == at - 1:  # arm the hook for the next step
@@ -293,21 +293,68 @@ SIGINT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("where,at", [("forward", 10), ("optimizer", 12)])
-def test_real_sigint_mid_step_resumes_exactly(where, at, tmp_path):
+@pytest.mark.parametrize(
+    "where,at,signame", [("forward", 10, "SIGINT"), ("optimizer", 12, "SIGINT"), ("forward", 11, "SIGTERM")]
+)
+def test_real_signal_mid_step_resumes_exactly(where, at, signame, tmp_path):
     over = dict(out=str(tmp_path), name="s", threads=1, precision="fp32", ema_decay=0.9, mixup=0.2)
     straight = fit(build(RECIPE, over), progress=False)
     script = tmp_path / "kill.py"
     script.write_text(SIGINT_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run(
-        [sys.executable, str(script), RECIPE, str(tmp_path), where, str(at)], capture_output=True, text=True, env=env
+        [sys.executable, str(script), RECIPE, str(tmp_path), where, str(at), signame],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert res.returncode == 130, res.stderr[-2000:]
     assert f"interrupted at step {at}" in res.stdout
     resumed = fit(resume=tmp_path / "killed", progress=False)
     a, b = load_file(straight.dir / "model.safetensors"), load_file(resumed.dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+TERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import pupil.compress.export as export
+    from pupil.cli import main
+
+    build = export.Job.build
+
+    def held(self, *args, **kwargs):  # the artefact is written into the hidden folder; then the job is killed
+        build(self, *args, **kwargs)
+        print("built", flush=True)
+        time.sleep(120)
+
+    export.Job.build = held
+    sys.exit(main(["compress", sys.argv[1], "--method", "export", "--format", "onnx", "--out", sys.argv[2]]))
+    """
+)
+
+
+def test_sigterm_during_compress_leaves_nothing_behind(tiny_run, tmp_path):
+    """A scheduler's SIGTERM runs the same clean-up as Ctrl-C: the half-built hidden folder is removed, no --out
+    appears, and the command says so with status 143."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    script, out = tmp_path / "term.py", tmp_path / "out" / "c"
+    script.write_text(TERM_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_run), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"built", proc.stderr.read()[-2000:]
+        assert [p.name[:3] for p in out.parent.iterdir()] == [".c."]  # the hidden folder exists now
+        proc.terminate()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 143 and "pupil: terminated" in err, err[-2000:]
+    assert list(out.parent.iterdir()) == []
 
 
 # 7. two audits of one run: the second is told, nothing is lost ------------------------------------------------

@@ -940,7 +940,34 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending a job, ``kill``): raised like Ctrl-C, so that the same clean-up runs."""
+
+
+TERMINATED: list[int] = []  # SIGTERM arrived (typer turns the KeyboardInterrupt it raises into exit status 130)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    TERMINATED.append(signum)
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # Without this, SIGTERM kills the process where it stands: no `finally` runs, and a half-built output (a
+        # compressed run's hidden folder, a temporary file) stays behind. uvicorn sets its own handler while serving.
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     group = typer.main.get_command(app)
     group.add_command(train_command())
     click_error, click_exit, click_abort = _click_exceptions()
@@ -954,15 +981,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click_exit as e:  # --help
         return e.exit_code
-    except click_abort:
+    except click_abort as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            print("pupil: terminated", file=sys.stderr)
+            return 143
         print("pupil: aborted", file=sys.stderr)
         return 130
     except click_error as e:  # usage errors: the usage line, the problem, exit status 2
         e.show()
         return e.exit_code
+    except Terminated:
+        print("pupil: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("pupil: interrupted", file=sys.stderr)
         return 130
+    if code == 130:  # typer's answer to a KeyboardInterrupt in a command: Ctrl-C, or SIGTERM (Terminated)
+        print(f"pupil: {'terminated' if TERMINATED else 'interrupted'}", file=sys.stderr)
+        return 143 if TERMINATED else 130
     return code if isinstance(code, int) else 0
 
 

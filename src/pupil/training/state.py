@@ -58,10 +58,13 @@ class HardInterrupt(KeyboardInterrupt):
 
 
 class DeferredInterrupt:
-    """Defer SIGINT to a step boundary, so that a Ctrl-C (or ``kill -INT``) landing anywhere in a step still
-    leaves a state that resumes bit-exactly: the handler only sets a flag, and ``check()``, called between
-    steps, raises KeyboardInterrupt. A second SIGINT raises HardInterrupt at once (nothing more is saved).
-    Outside the main thread signals cannot be handled, and the default behaviour stays."""
+    """Defer SIGINT and SIGTERM to a step boundary, so that a Ctrl-C, a ``kill`` or a cluster scheduler's
+    preemption landing anywhere in a step still leaves a state that resumes bit-exactly: the handler only sets a
+    flag, and ``check()``, called between steps, raises KeyboardInterrupt. A second signal raises HardInterrupt at
+    once (nothing more is saved). Outside the main thread signals cannot be handled, and the default behaviour
+    stays."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.pending, self.previous = False, None
@@ -69,7 +72,7 @@ class DeferredInterrupt:
     def __enter__(self) -> DeferredInterrupt:
         self.pending = False
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -84,7 +87,8 @@ class DeferredInterrupt:
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
             self.previous = None
 
 
