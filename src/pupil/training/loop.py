@@ -30,7 +30,7 @@ from pupil.run import Run, clear_run_files, load_run, prepare_run_dir, remove_if
 from pupil.runtime import autocast, to_input
 from pupil.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from pupil.training.precise_bn import precise_bn, precise_bn_pending
-from pupil.training.schedule import BUDGET_PROBE_STEPS, fit_budget, lr_factor
+from pupil.training.schedule import BUDGET_PROBE_STEPS, BUDGET_REFIT_STEPS, fit_budget, lr_factor, refit_budget
 from pupil.training.state import HardInterrupt, TrainState, build, stream_seed
 
 Bar = Callable[[int, dict], None]  # the progress bar's update(step, stats)
@@ -222,6 +222,12 @@ def train_one_epoch(state: TrainState, epoch: int, start: int, bar: Bar) -> dict
             probe_s = state.elapsed + time.perf_counter() - t0
             fitted = fit_budget(state.total_steps, state.warmup_steps, probe_s, cfg.train.max_minutes, bn_batches)
             state.total_steps, state.warmup_steps, state.budget_fitted = *fitted, True
+        elif cfg.train.max_minutes and state.budget_fitted and state.step % BUDGET_REFIT_STEPS == 0:
+            bn_batches = cfg.train.precise_bn if precise_bn_pending(state) else 0
+            so_far = state.elapsed + time.perf_counter() - t0
+            state.total_steps, state.warmup_steps = refit_budget(
+                state.step, state.total_steps, state.warmup_steps, so_far, cfg.train.max_minutes, bn_batches
+            )
         if state.on_step is not None:
             state.on_step(state)
         if i % 10 == 0 or i == spe - 1:

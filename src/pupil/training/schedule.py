@@ -25,6 +25,7 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = "cosine", min_rati
 
 
 BUDGET_PROBE_STEPS = 20
+BUDGET_REFIT_STEPS = 100  # after the probe, the budget is checked again every this many steps (refit_budget)
 # A forward pass without gradients costs about a third of a training step (fp32, measured on CPU); fit_budget
 # reserves this fraction of a step for each batch of the precise-BN pass.
 PRECISE_BN_STEP_COST = 0.35
@@ -41,3 +42,18 @@ def fit_budget(
     reserve = PRECISE_BN_STEP_COST * bn_batches * per_step  # the precise-BN pass is inside the budget
     total = max(BUDGET_PROBE_STEPS + 1, min(total_steps, int((max_minutes * 60 - reserve) / per_step)))
     return total, min(warmup_steps, total // 5)
+
+
+def refit_budget(
+    step: int, total_steps: int, warmup_steps: int, elapsed_s: float, max_minutes: float, bn_batches: int = 0
+) -> tuple[int, int]:
+    """``fit_budget`` again at ``step``, from the average speed so far (``elapsed_s`` seconds of training): the
+    steps that still fit are fewer when the machine became slower than the first steps promised (another job
+    took the cores), so the run ends near ``max_minutes`` instead of overrunning it. The total only shrinks (a
+    faster machine does not lengthen a schedule already under way), never below ``step + 1``; warm-up is kept
+    once it has begun."""
+    per_step = elapsed_s / max(step, 1)
+    reserve = PRECISE_BN_STEP_COST * bn_batches * per_step
+    left = int((max_minutes * 60 - reserve - elapsed_s) / per_step)
+    total = max(step + 1, min(total_steps, step + max(left, 0)))
+    return total, warmup_steps if step >= warmup_steps else min(warmup_steps, total // 5)
