@@ -19,6 +19,11 @@ check also reports top-1 over all of the model's classes.
 
 Loading never unpickles: state dicts are read with ``weights_only=True`` or from safetensors; TorchScript and
 ``torch.export`` archives are code pupil runs as the user asked, and ``py:`` imports the user's own module.
+
+``pupil serve`` opens sources too: an audit's folder is re-opened from what its results.json records
+(``open_audited``: the same file or published weights, checked against the recorded sha256 before anything runs),
+and a source given bare is opened without data (``open_bare``: its input size must be known, its number of
+outputs comes from a forward pass on black images).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import csv
 import hashlib
 import importlib
 import math
+import re
+import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +297,10 @@ class Opened:
     features: bool = False
     gradcam: bool = False
     notes: list[str] = field(default_factory=list)
+    target: str | None = None
+    """What followed ``kind:`` in the spec (a name, a file, ``package.module:factory``); None for a module."""
+    pretrained: bool = False
+    """Whether the published weights were loaded (``--pretrained``): what re-opening it needs to know."""
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -328,6 +339,12 @@ def open_source(
         )
     if pretrained and kind == "py":
         raise PupilError("--pretrained applies to timm: and torchvision: models; give py: models --weights")
+    opened = _open_kind(kind, target, weights, pretrained, device)
+    opened.target, opened.pretrained = target, pretrained
+    return opened
+
+
+def _open_kind(kind: str, target: str, weights: str | Path | None, pretrained: bool, device: torch.device) -> Opened:
     if kind == "timm":
         return _open_timm(target, weights, pretrained)
     if kind == "torchvision":
@@ -710,9 +727,17 @@ def source_run(
     channels: int,
     val_size: int,
     seed: int,
+    *,
+    input_shape: list[int] | None = None,
+    weights_sha256: str | None = None,
 ) -> Run:
     """The ``Run`` the audit sees for an opened source: the wrapped model over the data's classes, and a
-    ``run.json``-shaped ``info`` (nothing about training is known; ``source`` records the model's origin)."""
+    ``run.json``-shaped ``info`` (nothing about training is known; ``source`` records the model's origin).
+
+    ``source`` records all that re-opening the model needs (``open_audited``, for ``pupil serve``): the spec's
+    ``target``, ``pretrained``, the weights file's absolute ``weights_path`` (``weights`` as given, for the card)
+    and its hash, the preprocessing, the class index, and the ``input_shape`` (C, H, W) the model was fed.
+    ``weights_sha256``: the hash when the caller has it already (a state dict's takes a pass over every tensor)."""
     net = Restricted(opened.net, index) if index is not None else opened.net
     mean, std = preprocess.pixel_stats(channels)
     model = PixelModel(net, mean, std).eval()
@@ -738,8 +763,12 @@ def source_run(
         "source": {
             "kind": opened.kind,
             "name": opened.name,
+            "target": opened.target,
+            "pretrained": opened.pretrained,
             "weights": str(opened.weights_file) if opened.weights_file else None,
-            "weights_sha256": weights_hash(opened),
+            "weights_path": str(opened.weights_file.resolve()) if opened.weights_file else None,
+            "weights_sha256": weights_sha256 or weights_hash(opened),
+            "input_shape": input_shape,
             "preprocess": preprocess.record(),
             "classes_from": classes_how,
             "class_index": index,
@@ -908,7 +937,9 @@ def open_audit(
     index, how = map_classes(test.classes, model_classes, opened.wnids, k, class_map)
     names = test.classes if index is not None or model_classes is None else model_classes
     pre.channels = channels
-    run = source_run(opened, pre, out, name, names, index, how, split, channels, val_size, seed)
+    run = source_run(
+        opened, pre, out, name, names, index, how, split, channels, val_size, seed, input_shape=list(test.shape)
+    )
     run.max_memory = budget
     return run
 
@@ -923,14 +954,19 @@ def _keep_shape(flags: Preprocess, found: Preprocess) -> Preprocess:
 def _probe(model: nn.Module, test: ImageDataset, what: str) -> int:
     """The model's number of outputs, from a forward pass over two test images; one line for a model whose
     output is not (N, K) logits or that fails on the data's shape."""
-    x = test.images[:2].float() / 255
+    return _count_outputs(model, test.images[:2].float() / 255, what, "test images")
+
+
+def _count_outputs(model: nn.Module, x: torch.Tensor, what: str, images: str) -> int:
+    """The number of outputs ``model`` gives for pixels ``x`` (N, C, H, W) (``images`` says what they are), or
+    one line for a model that fails on them or returns anything but finite (N, K) logits."""
     try:
         with torch.inference_mode():
             out = model(x)
     except Exception as e:  # the user's model: whatever it raises on this input is the message
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise PupilError(
-            f"{what} failed on a batch of test images of shape {tuple(x.shape)}: {first} "
+            f"{what} failed on a batch of {images} of shape {tuple(x.shape)}: {first} "
             "(check --img-size, --crop and the channel count)"
         ) from None
     if isinstance(out, tuple | list) or not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(x):
@@ -939,5 +975,242 @@ def _probe(model: nn.Module, test: ImageDataset, what: str) -> int:
             f"{what} returned {shape} for {len(x)} images; pupil audits classifiers that return (N, K) logits"
         )
     if not torch.isfinite(out).all():
-        raise PupilError(f"{what} returned NaN or infinite outputs on test images; check its weights and preprocessing")
+        raise PupilError(f"{what} returned NaN or infinite outputs on {images}; check its weights and preprocessing")
     return int(out.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serving a source (``pupil serve``): an audited one re-opened as audited, or one opened bare, without data
+
+FILE_KINDS = ("onnx", "torchscript", "export")  # kinds whose file is the model, weights included
+OPTION_FLAGS = {"weights": "--weights", "pretrained": "--pretrained", "classes": "--classes"}
+
+
+def served_name(kind: str, target: str) -> str:
+    """The name ``pupil audit`` gives the folder of an audit of ``kind:target`` (under audits/), and ``pupil serve``
+    a bare one: ``onnx:models/net.onnx`` -> ``onnx-net``, so that a model keeps its name once it is audited."""
+    name = f"{kind}-{Path(target).stem if kind in FILE_KINDS else target}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "model"
+
+
+def option_flags(options: dict[str, Any]) -> list[str]:
+    """The command-line flags a source's options stand for (``weights`` -> ``--weights``, ``preprocess``'s
+    ``img_size`` -> ``--img-size``), for the ones that are set."""
+    flags = [OPTION_FLAGS.get(k, f"--{k}") for k, v in options.items() if k != "preprocess" and v]
+    return flags + [f"--{k.replace('_', '-')}" for k, v in (options.get("preprocess") or {}).items() if v is not None]
+
+
+def audit_command(spec: str, options: dict[str, Any] | None = None, out: Path | None = None, data: str = "DATA") -> str:
+    """The ``pupil audit`` command that audits ``spec`` with ``options`` (as ``open_bare`` takes them)."""
+    options, q = options or {}, shlex.quote
+    words = ["pupil audit", q(spec), f"--data {data if data == 'DATA' else q(str(data))}"]
+    if options.get("weights"):
+        words.append(f"--weights {q(str(options['weights']))}")
+    if options.get("pretrained"):
+        words.append("--pretrained")
+    if isinstance(options.get("classes"), str | Path):
+        words.append(f"--classes {q(str(options['classes']))}")
+    for k, v in (options.get("preprocess") or {}).items():
+        if v is not None:
+            words.append(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list | tuple) else v}")
+    if out is not None:
+        words.append(f"--out {q(str(out))}")
+    return " ".join(words)
+
+
+def _no_data(split: str) -> ImageDataset:
+    raise PupilError("a model opened to serve has no data: audit it with `pupil audit MODEL --data DATA`")
+
+
+def _in_channels(net: nn.Module) -> int | None:
+    """The channels the first 2-D convolution takes (1 or 3), if the network has one (TorchScript keeps the
+    module's ``original_name`` and its ``in_channels``)."""
+    convs = (m for m in net.modules() if isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d")
+    channels = getattr(next(convs, None), "in_channels", None)
+    return channels if channels in (1, 3) else None
+
+
+def open_bare(
+    spec: str,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    classes: str | Path | list[str] | None = None,
+    preprocess: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> Run:
+    """Open the model source ``spec`` to serve it unaudited, without data.
+
+    The preprocessing is what the model or the flags state, completed and refused as the audit does (a model
+    that says nothing of its normalisation needs --mean and --std or --input-range); with no images to take it
+    from, the input size must be known too (the model's, or --img-size). The channels are the model's (its
+    preprocessing, ONNX graph or first convolution), else one per --mean value. The number of outputs comes from a
+    forward pass on two black images; the class names from the model (ImageNet's), from ``classes`` (a file, one
+    name a line, or a list), else the output indices "0".."K-1", with a note. ``source`` in the Run's info says
+    ``audited: False``."""
+    flags = Preprocess.from_flags(preprocess)
+    device = device or torch.device("cpu")
+    opened = open_source(spec, weights=weights, pretrained=pretrained, device=device)
+    what = f"{opened.kind}:{opened.name}"
+    known = opened.preprocess.mean is not None
+    pre = (flags.over(opened.preprocess) if known else _keep_shape(flags, opened.preprocess)).complete(what)
+    if pre.crop is None:
+        raise PupilError(
+            f"{what} does not say its input size and, unaudited, there are no images to take it from: pass --img-size"
+        )
+    pre.fit()  # a --resize below the crop fails here
+    channels = pre.channels or _in_channels(opened.net) or len(pre.mean)
+    if channels not in (1, 3):
+        raise PupilError(f"{what}: give --mean and --std one value per channel (1 or 3), not {len(pre.mean)}")
+    pre.channels = channels
+    mean, std = pre.pixel_stats(channels)
+    shape = [channels, pre.crop, pre.crop]
+    k = _count_outputs(PixelModel(opened.net, mean, std).eval(), torch.zeros(2, *shape), what, "black images")
+    if not isinstance(getattr(opened.net, "num_classes", None), int):
+        with contextlib.suppress(AttributeError, RuntimeError):  # a TorchScript module takes no new attributes
+            opened.net.num_classes = k
+    if isinstance(classes, str | Path):
+        names, how = read_classes(classes), f"--classes {classes}"
+    elif classes:
+        names, how = [str(c) for c in classes], "given"
+        if len(set(names)) != len(names):
+            raise PupilError("the class names list a class twice")
+    else:  # the model's own (ImageNet's descriptions repeat two: crane and maillot)
+        names, how = opened.classes, "the model's classes"
+    if names is None:
+        names, how = [str(i) for i in range(k)], "the output indices (the model names no classes)"
+        opened.notes.append(f"the classes are the output indices 0..{k - 1}: pass --classes FILE to name them")
+    elif len(names) != k:
+        raise PupilError(f"{len(names)} class names for a model with {k} outputs")
+    name = served_name(opened.kind, opened.target)
+    run = source_run(opened, pre, Path(name), "none", names, None, how, _no_data, channels, 0, 0, input_shape=shape)
+    run.info["data"]["input_shape"] = shape
+    run.info["source"]["audited"] = False
+    run.model.to(device)
+    return run
+
+
+def open_audited(folder: str | Path, device: torch.device | None = None) -> Run:
+    """Re-open the model source that ``pupil audit`` audited into ``folder``, as its results.json records it
+    (``run.source``): the same file or published weights, checked against the recorded sha256 before anything
+    runs (a TorchScript file is code), the same preprocessing, classes and class index. The audited rules are then
+    the folder's to read (``pupil.serve.models``).
+
+    Refused in one line that says what to do: weights that changed or are gone, a module handed to
+    ``pupil.audit`` from Python, random weights, and records from before pupil kept all that re-opening needs
+    (``target`` for ``py:``, ``pretrained``, the ``input_shape`` of data fed at its own size)."""
+    from pupil.results import load_results
+
+    folder = Path(folder)
+    results = load_results(folder)
+    record = results["run"]
+    src = record.get("source")
+    if not isinstance(src, dict) or not isinstance(src.get("kind"), str):
+        raise PupilError(
+            f"{folder} has results.json but no run.json, and records no model source: it is neither a "
+            "run directory nor an audit of a model source"
+        )
+    kind = src["kind"]
+    if kind == "module":
+        raise PupilError(
+            f"{folder} audits an nn.Module handed to pupil.audit from Python, which pupil cannot re-open: save it "
+            "(a state dict for py:, or ONNX or TorchScript), audit that source and serve its audit"
+        )
+    if kind not in KINDS:
+        raise PupilError(f"{folder} audits a {kind} model, which pupil serve cannot re-open")
+    file = _audited_file(folder, src)
+    pretrained = bool(src.get("pretrained"))
+    if kind in FILE_KINDS:
+        target = str(file)
+    elif kind == "py":
+        target = src.get("target") or f"MODULE:{src.get('name')}"
+    else:
+        target = src.get("target") or src.get("name")
+    spec = f"{kind}:{target}"
+    again = "audit it again: `" + _again(spec, src, record["dataset"], file, folder) + "`"
+    if kind == "py" and not src.get("target"):
+        raise PupilError(f"{folder} was audited before pupil recorded the module of py: models; {again}")
+    if kind in ("timm", "torchvision") and file is None:
+        if "pretrained" not in src:
+            raise PupilError(
+                f"{folder} was audited before pupil recorded whether the weights were --pretrained; "
+                f"{again.replace(' --data', ' --pretrained --data')}"
+            )
+        if not pretrained:
+            raise PupilError(
+                f"{folder} audits {spec} with random weights (neither --weights nor --pretrained): there is "
+                "nothing to serve; audit it with --weights FILE or --pretrained"
+            )
+    recorded = src.get("weights_sha256")
+    if not recorded:
+        raise PupilError(f"{folder} records no hash of the audited weights, so they cannot be checked; {again}")
+    if file is not None and not sha256_file(file).startswith(recorded):
+        raise PupilError(
+            f"{file} changed since {folder} was audited (sha256 {sha256_file(file)[:12]}, audited {recorded}): {again}"
+        )
+    device = device or torch.device("cpu")
+    opened = open_source(spec, weights=file if kind not in FILE_KINDS else None, pretrained=pretrained, device=device)
+    if file is None and (found := weights_hash(opened)) != recorded:
+        raise PupilError(
+            f"the weights of {spec} (sha256 {found}) are not the ones {folder} audited ({recorded}): {again}"
+        )
+    recorded_pre = src.get("preprocess") or {}
+    pre = Preprocess(**{f.name: recorded_pre[f.name] for f in fields(Preprocess) if f.name in recorded_pre})
+    channels = pre.channels or (record["model"].get("in_chans"))
+    shape = src.get("input_shape") or ([channels, pre.crop, pre.crop] if pre.crop else None)
+    if not shape or pre.mean is None or channels not in (1, 3):
+        raise PupilError(f"{folder} does not record the input its audit fed the model; {again}")
+    classes, index = record["classes"], src.get("class_index")
+    how = src.get("classes_from") or "the audit's classes"
+    run = source_run(
+        opened,
+        pre,
+        folder,
+        record["dataset"],
+        classes,
+        index,
+        how,
+        _no_data,
+        channels,
+        0,
+        0,
+        input_shape=list(shape),
+        weights_sha256=recorded,
+    )
+    if index is None and not isinstance(getattr(opened.net, "num_classes", None), int):
+        with contextlib.suppress(AttributeError, RuntimeError):  # a TorchScript module takes no new attributes
+            opened.net.num_classes = len(classes)
+    run.info["data"]["input_shape"] = list(shape)
+    run.info["source"]["audited"] = True
+    run.model.to(device)
+    return run
+
+
+def _audited_file(folder: Path, src: dict[str, Any]) -> Path | None:
+    """The weights (or model) file the audit read: by its absolute path, else (records from before pupil kept
+    it) as given, from where the audit ran; None for published weights or a py: factory's own. Refused when
+    it is gone."""
+    given = src.get("weights_path") or src.get("weights")
+    if given is None:
+        if src["kind"] in FILE_KINDS:
+            raise PupilError(f"{folder} does not record the {src['kind']} file it audited: audit the file again")
+        return None
+    path = Path(given)
+    if not path.is_file():
+        raise PupilError(
+            f"the weights {given} that {folder} audited are gone: restore them, or audit the model again and serve "
+            "the new audit"
+        )
+    return path
+
+
+def _again(spec: str, src: dict[str, Any], data: str, file: Path | None, folder: Path) -> str:
+    """The command that audits ``spec`` again into ``folder`` as it was audited (the preprocessing flags when
+    the flags gave it)."""
+    options: dict[str, Any] = {"weights": file if src["kind"] not in FILE_KINDS else None}
+    options["pretrained"] = src.get("pretrained")
+    pre = src.get("preprocess") or {}
+    if str(pre.get("source", "")).startswith("flags"):
+        keys = ("crop", "resize", "interpolation", "mean", "std", "input_range")
+        options["preprocess"] = {k: pre.get(k) for k in keys}
+    return audit_command(spec, options, folder, data)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -48,11 +49,13 @@ from pupil.errors import PupilError
 from pupil.io import sha256_file
 
 if TYPE_CHECKING:
+    from pupil.data.images import Fit
     from pupil.run import Run
 
 DEFAULT_LEVEL = 0.95
 OOD_TPR = 0.95  # the share of in-distribution test images the OOD threshold keeps
 LOGIT_SCORES = ("msp", "max_logit", "energy")  # OOD scores computed from the logits alone
+FROZEN_RTOL = 1e-4  # frozen vs eager logits: BatchNorm folded into the convolutions rounds a little differently
 MAX_PIXELS = 4096 * 4096  # our own limit on an upload's decoded size, below PIL's decompression-bomb limit
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "occlusion", "integrated_gradients")  # fast enough for a request
 GRADIENT_METHODS = ("gradcam", "gradcam++", "integrated_gradients")  # those that need gradients through the model
@@ -99,20 +102,28 @@ def open_upload(data: bytes, max_pixels: int = MAX_PIXELS):
     return im
 
 
-def to_pixels(im, mode: str, side: int) -> np.ndarray:
+def to_pixels(im, mode: str, side: int, fit: Fit | None = None) -> np.ndarray:
     """Decode an opened upload to ``mode`` ("L" or "RGB") at ``side`` x ``side``: (C, H, W) uint8, C-contiguous.
 
     The steps of ``pupil.data.images._decode``, in its order: JPEG draft, EXIF rotation, bit depth rescaled,
-    alpha dropped, mode converted, bilinear resize with ``reducing_gap=3``."""
+    alpha dropped, mode converted, then a bilinear resize with ``reducing_gap=3`` (pupil's own runs) or, with a
+    ``fit`` (a model source, as the audit decoded its data), the shorter side resized with the model's
+    interpolation and the centre ``side`` x ``side`` cut out."""
     from PIL import Image, ImageOps
 
-    from pupil.data.images import ALPHA_MODES, _Bad, _exif_orientation, _to_8bit
+    from pupil.data.images import ALPHA_MODES, _Bad, _exif_orientation, _fit, _to_8bit
 
     size, conv = (side, side), _Uncounted()
     with im:
         try:
-            if im.format == "JPEG":
-                im.draft(mode, size)
+            if fit:
+                w, h = im.size
+                rotated = _exif_orientation(im) in (5, 6, 7, 8)
+                if rotated:
+                    w, h = h, w  # the size as viewed
+                size = fit.resized_size(w, h)
+            if im.format == "JPEG":  # drafted as _decode drafts: to the stored orientation of the resized size
+                im.draft(mode, size[::-1] if fit and rotated else size)
             im.load()
             if _exif_orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
@@ -121,7 +132,9 @@ def to_pixels(im, mode: str, side: int) -> np.ndarray:
                 im = im.convert("RGBA") if im.mode == "P" else im
             if im.mode != mode:
                 im = im.convert(mode)
-            if im.size != size:
+            if fit:
+                im = _fit(im, fit, size, (w, h), conv)
+            elif im.size != size:
                 im = im.resize(size, Image.BILINEAR, reducing_gap=3.0)
             a = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as e:
@@ -251,8 +264,10 @@ class Served:
 
     name: str
     version: str
-    """The first 12 hex digits of the weights file's sha256."""
-    run_dir: Path
+    """The first 12 hex digits of the weights file's sha256 (for a model source: the one its audit recorded)."""
+    run_dir: Path | None
+    """The run directory or audit folder (its results.json, per-image files, report.html); None for a model
+    source served unaudited."""
     model: nn.Module = field(repr=False)
     classes: list[str]
     mode: str
@@ -272,21 +287,39 @@ class Served:
     Gradients need them; occlusion does not."""
     channels_last: bool = False
     """Inputs in channels-last memory order, as the weights are (the run's runtime setting, as the audit runs it)."""
+    fit: Fit | None = None
+    """A model source's resize and centre crop, with which uploads are decoded as its audit decoded the data;
+    None: a plain resize to ``side`` x ``side`` (pupil's runs, trained on images of one size)."""
+    source: dict[str, Any] | None = None
+    """For a model pupil did not train: ``spec`` (``kind:target``), ``audited``, ``preprocess``; None for a run."""
+    frozen: tuple[nn.Module, Any] | None = field(default=None, repr=False)
+    """(module, graph): ``frozen_forward``'s graph of a module's forward pass from uint8 pixels, which ``logits``
+    runs while ``model`` is that module; None: the eager model (on a GPU, for an ONNX Runtime session, or where
+    tracing failed)."""
 
     @property
     def report(self) -> Path | None:
         """The run's report card, when it is a plain file inside the run directory."""
+        if self.run_dir is None:
+            return None
         path = self.run_dir / "report.html"
         if not path.is_file() or path.is_symlink():
             return None
         return path
+
+    def decode(self, im) -> np.ndarray:
+        """An opened upload (``open_upload``) decoded to this model's input, (C, H, W) uint8 (``to_pixels``)."""
+        return to_pixels(im, self.mode, self.side, self.fit)
 
     # -- inference (called from the one inference thread) ------------------------------------------------------
 
     def logits(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 logits (B, K) on the CPU, in fp32 as ``pupil predict`` and the audit compute
         them (channels-last where the audit used it: the same figures to float rounding, about 1.6 times faster
-        for vgg_small on one CPU thread)."""
+        for vgg_small on one CPU thread). Through ``frozen`` where there is one: the same logits to float rounding."""
+        if self.frozen is not None and self.frozen[0] is self.model:  # a model swapped in later runs eagerly
+            with torch.inference_mode():
+                return self.frozen[1](torch.from_numpy(pixels))
         x = torch.from_numpy(pixels).to(self.device).float().div_(255)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -399,6 +432,7 @@ class Served:
             if c is None
             else {"default_level": DEFAULT_LEVEL, "score": c.score, "randomized": c.randomized},
             "explain": self.explain_method,
+            "source": self.source,
             "notes": self.notes,
         }
 
@@ -408,32 +442,59 @@ def weights_version(path: Path) -> str:
     return sha256_file(path)[:12]
 
 
-def load_served(path: str | Path | Run, device: torch.device, warm_batch: int = 1, threads: int = 1) -> Served:
-    """Load a run directory to serve (or take a ``Run`` already opened, such as ``pupil.sources`` gives for a model
-    pupil did not train): the model, its version, the audit's rules; then warm it up with a forward pass at batch
-    sizes 1 and ``warm_batch`` and one answer. ``threads``: what an ONNX Runtime session may use (torch's are set by
-    the caller). Raises PupilError in one line on any problem."""
-    from pupil.results import consumed, load_results
-    from pupil.run import Run, load_run
+SOURCE_OPTIONS = {"weights", "pretrained", "classes", "preprocess"}  # load_served's ``source``: the audit's flags
 
-    run = path if isinstance(path, Run) else load_run(Path(path), device=device)
-    run_dir = Path(run.dir)
+
+def load_served(
+    path: str | Path | Run,
+    device: torch.device,
+    warm_batch: int = 1,
+    threads: int = 1,
+    source: dict[str, Any] | None = None,
+) -> Served:
+    """Load a model to serve, with the rules its audit measured; warm it up with a forward pass at batch sizes 1
+    and ``warm_batch`` and one answer. Raises PupilError in one line on any problem.
+
+    ``path`` is one of
+    - a run directory;
+    - an audit folder of a model source (``pupil audit timm:x --data D`` writes ``audits/timm-x``): the source is
+      re-opened as audited, its weights checked against the recorded sha256 (``pupil.sources.open_audited``);
+    - a model source (``onnx:model.onnx``, ``timm:NAME``, ...), served unaudited: T = 1, no OOD threshold, no
+      deferral (``pupil.sources.open_bare``). ``source`` then holds what the audit's flags would say:
+      ``weights`` (a file), ``pretrained`` (bool), ``classes`` (a file, one name a line, or a list) and
+      ``preprocess`` (``img_size``, ``resize``, ``crop``, ``interpolation``, ``mean``, ``std``,
+      ``input_range``), all optional and refused for a run directory or an audit folder, which bring their own;
+    - a ``Run`` already opened (``pupil.sources.open_audit`` gives one for a model pupil did not train).
+
+    ``threads``: what an ONNX Runtime session may use (torch's are set by the caller)."""
+    from pupil.results import consumed, load_results
+    from pupil.sources import KINDS
+
+    run, run_dir = open_served(path, device, source)
     info = run.info
+    src = info.get("source")
+    if src is not None and src.get("kind") not in (*KINDS, "module"):
+        src = None  # a run that pupil compress deployed is a run: decoded, versioned and noted as one
     shape = info["data"].get("input_shape")
     if shape is None and run.model is not None:  # a source opened for the audit: the input the model was probed at
         m = info["model"]
         shape = [m.get("in_chans"), m.get("img_size"), m.get("img_size")]
+    where = run_dir if run_dir is not None else _spec(src)
     if not shape or len(shape) != 3 or shape[0] not in (1, 3) or shape[1] != shape[2]:
-        raise PupilError(f"{run_dir}: cannot serve a model whose input shape is {shape} (need 1 or 3 x N x N)")
+        raise PupilError(f"{where}: cannot serve a model whose input shape is {shape} (need 1 or 3 x N x N)")
     c, side, _ = shape
     notes: list[str] = []
     results = None
-    if (run_dir / "results.json").is_file():
+    if run_dir is not None and (run_dir / "results.json").is_file():
         results = load_results(run_dir)
         if results["run"].get("classes") not in (None, run.classes):
             raise PupilError(f"{run_dir}/results.json audits other classes than run.json lists: audit the run again")
-        if run.weights_file and run.weights_file.stat().st_mtime > (run_dir / "results.json").stat().st_mtime:
+        newer = run.weights_file and run.weights_file.stat().st_mtime > (run_dir / "results.json").stat().st_mtime
+        if newer and not (src or {}).get("audited"):  # a re-opened source's weights were checked by their hash
             notes.append("the weights are newer than results.json: the audited rules may not fit them")
+    elif src is not None:
+        command = audit_command_for(src, source)
+        notes.append(f"not audited: probabilities use T = 1, no OOD threshold, no deferral; `{command}` measures them")
     else:
         notes.append(f"not audited: run `pupil audit {run_dir}` for calibrated probabilities and thresholds")
     cal = consumed(results, "serve", "calibration") if results else None
@@ -443,6 +504,7 @@ def load_served(path: str | Path | Run, device: torch.device, warm_batch: int = 
     soft = consumed(results, "serve", "uncertainty") if results else None
     if soft is not None and soft["deferral_threshold"] is None:
         notes.append(f"the audit found no confidence threshold reaching {soft['target_accuracy']:.0%} accuracy")
+    notes += [n for n in (src or {}).get("notes", []) if results is None]  # an audit's are on its card
     net = run.model.net
     # A model whose weights are no PyTorch parameters (an ONNX Runtime session) gives no gradients: it is explained
     # by occlusion, and its OOD score and deferral use its logits alone (as for every served model).
@@ -453,9 +515,16 @@ def load_served(path: str | Path | Run, device: torch.device, warm_batch: int = 
         run.model.to(memory_format=torch.channels_last)
     for module in run.model.modules():
         serving_session(module, threads)
+    graph = None
+    if gradients and torch.device(device).type == "cpu":
+        graph = frozen_forward(run.model.eval(), channels_last, (c, side, side), sorted({1, max(1, warm_batch)}))
+    if src is not None and src.get("weights_sha256"):  # what the audit recorded (a file's or a state dict's)
+        version = src["weights_sha256"]
+    else:
+        version = weights_version(run.weights_file) if run.weights_file else "unversioned"
     served = Served(
         name=run.name,
-        version=weights_version(run.weights_file) if run.weights_file else "unversioned",
+        version=version,
         run_dir=run_dir,
         model=run.model.eval(),
         classes=list(run.classes),
@@ -472,9 +541,84 @@ def load_served(path: str | Path | Run, device: torch.device, warm_batch: int = 
         notes=notes,
         gradients=gradients,
         channels_last=channels_last,
+        fit=source_fit(src, side),
+        frozen=None if graph is None else (run.model, graph),
+        source=None
+        if src is None
+        else {
+            "spec": _spec(src),
+            "audited": results is not None,
+            "preprocess": src.get("preprocess"),
+        },
     )
     warm_up(served, warm_batch)
     return served
+
+
+def open_served(
+    path: str | Path | Run, device: torch.device, source: dict[str, Any] | None = None
+) -> tuple[Run, Path | None]:
+    """The Run to serve for ``load_served``'s ``path`` and the folder its audit is in (None: a model source served
+    bare). A string of the form ``kind:target`` that names no existing path is a model source, as for
+    ``pupil audit``."""
+    from pupil.run import Run, load_run
+    from pupil.sources import open_audited, open_bare
+
+    options = dict(source or {})  # the command line passes every flag, unset ones as None or False
+    if isinstance(options.get("preprocess"), dict):
+        options["preprocess"] = {k: v for k, v in options["preprocess"].items() if v is not None}
+    options = {k: v for k, v in options.items() if v not in (None, False, "", [], {})}
+    if unknown := sorted(set(options) - SOURCE_OPTIONS):
+        raise PupilError(f"unknown source option(s) {', '.join(unknown)}; known: {', '.join(sorted(SOURCE_OPTIONS))}")
+    text = str(path) if isinstance(path, str | Path) else None
+    if text is not None and re.match(r"^\w+:", text) and not Path(text).exists():
+        return open_bare(text, device=torch.device(device), **options), None
+    if options:
+        from pupil.sources import option_flags
+
+        raise PupilError(
+            f"{' '.join(option_flags(options))} describe a model source given as kind:target; "
+            f"{text or 'a Run'} brings its own (its run.json or the source its audit recorded)"
+        )
+    if isinstance(path, Run):
+        return path, Path(path.dir)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "run.json").exists() and (folder / "results.json").is_file():
+        return open_audited(folder, torch.device(device)), folder
+    return load_run(folder, device=device), folder
+
+
+def source_fit(src: dict[str, Any] | None, side: int) -> Fit | None:
+    """The resize and centre crop the audit decoded a source's data with (``Preprocess.fit``), or None for a run
+    or a source fed its data at the images' own size."""
+    from pupil.sources import Preprocess
+
+    if src is None:
+        return None
+    pre = src.get("preprocess") or {}
+    fit = Preprocess(crop=pre.get("crop"), resize=pre.get("resize"), interpolation=pre.get("interpolation")).fit()
+    if fit is not None and fit.crop != side:
+        raise PupilError(f"the recorded crop {fit.crop} is not the model's input size {side}")
+    return fit
+
+
+def _spec(src: dict[str, Any] | None) -> str:
+    """``kind:target`` of a source record (from the file or the name where a record from before pupil kept the
+    target lacks it)."""
+    if src is None:
+        return ""
+    kind = src.get("kind")
+    if kind == "module":
+        return f"nn.Module {src.get('name')}"
+    target = src.get("target") or (src.get("weights") if kind in ("onnx", "torchscript", "export") else src.get("name"))
+    return f"{kind}:{target}"
+
+
+def audit_command_for(src: dict[str, Any], options: dict[str, Any] | None) -> str:
+    """The ``pupil audit`` command for a source served bare with ``options``."""
+    from pupil.sources import audit_command
+
+    return audit_command(_spec(src), options)
 
 
 def serving_session(module: nn.Module, threads: int) -> None:
@@ -493,6 +637,48 @@ def serving_session(module: nn.Module, threads: int) -> None:
     module.session = ort.InferenceSession(str(path), options, providers=session.get_providers())
 
 
+class _PixelsIn(nn.Module):
+    """uint8 (B, C, H, W) -> fp32 logits, the steps of ``Served.logits`` in one module (so that they trace)."""
+
+    def __init__(self, model: nn.Module, channels_last: bool):
+        super().__init__()
+        self.model, self.channels_last = model, channels_last
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float().div(255)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float()
+
+
+def frozen_forward(model: nn.Module, channels_last: bool, shape: tuple[int, int, int], batches: list[int]):
+    """``model``'s forward pass from uint8 pixels, traced and frozen (``torch.jit.freeze``: BatchNorm folded into
+    the convolutions, oneDNN's fused kernels), or None where that fails or its logits differ from eager ones
+    beyond float rounding at any of ``batches`` (images of ``shape`` (C, H, W), fixed random pixels).
+
+    Why: an eager forward pass returns to Python between every operator, and each return has to take the
+    interpreter lock back; while the event loop holds it (answering, reading requests) that wait lasts up to the
+    switch interval, so the forward pass and the loop ran one after the other instead of on two cores. The frozen
+    graph releases the lock once for the whole pass (and is about 1.15 times faster on one thread for vgg_small).
+    ``torch.jit`` is deprecated but has no successor that runs a whole CPU graph without Python between operators
+    short of compiling one (torch.compile's C++ wrapper, AOTInductor), which takes minutes at startup."""
+    rng = np.random.default_rng(0)
+    probes = [torch.from_numpy(rng.integers(0, 256, (b, *shape), dtype=np.uint8)) for b in batches]
+    module = _PixelsIn(model, channels_last).eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the deprecation notice, and TracerWarnings that the check below covers
+            frozen = torch.jit.freeze(torch.jit.trace(module, probes[0], check_trace=False))
+            for x in probes:
+                want, got = module(x), frozen(x)
+                scale = max(1.0, float(want.abs().amax()))
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=FROZEN_RTOL, atol=FROZEN_RTOL * scale):
+                    return None
+    except Exception:  # a model tracing cannot follow: served eagerly
+        return None
+    return frozen
+
+
 def warm_up(served: Served, batch: int) -> None:
     """One forward pass at batch size 1 and at ``batch``, and one answer, so the first request pays no set-up
     (allocator, kernels, lazy imports); a model that fails here fails startup."""
@@ -505,4 +691,5 @@ def warm_up(served: Served, batch: int) -> None:
         served.answer(logits[:1], [b"warm-up"], [1], [DEFAULT_LEVEL if served.conformal else None])
     except Exception as e:  # whatever the model raises becomes one line
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise PupilError(f"model {served.name} ({served.run_dir}) failed its warm-up: {first}") from None
+        where = served.run_dir if served.run_dir is not None else (served.source or {}).get("spec")
+        raise PupilError(f"model {served.name} ({where}) failed its warm-up: {first}") from None
