@@ -157,6 +157,14 @@ SUMMARY = """JSON.stringify({
   chips: [...document.querySelectorAll("#conformal .chip")].map((c) => c.textContent),
   report: document.getElementById("report").hidden ? null : document.getElementById("report").getAttribute("href"),
   search: document.getElementById("search").hidden,
+  neighbours: [...document.querySelectorAll("#neighbours figure.hit")].map((f) => ({
+    id: Number(f.dataset.id),
+    label: f.querySelector(".label").textContent,
+    distance: f.querySelector(".distance").textContent,
+    width: (f.querySelector("img") || { naturalWidth: 0 }).naturalWidth,
+    shown: (f.querySelector("img") || { getBoundingClientRect: () => ({ width: 0 }) }).getBoundingClientRect().width,
+  })),
+  searchNote: document.getElementById("search-note").textContent,
 })"""
 
 
@@ -258,12 +266,74 @@ def test_the_page_predicts_explains_defers_and_links_the_report_card(tmp_path_fa
     assert shot.size == (WIDTH, HEIGHT)
 
 
+@contextlib.contextmanager
+def serving(app):
+    """``app`` served by uvicorn on 127.0.0.1 and a free port, in a thread: yields the port once it accepts."""
+    import uvicorn
+
+    from pupil.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_shows_the_nearest_catalogue_images(tmp_path_factory, tmp_path):
+    """With an index of the model's own embedding loaded, an upload shows its nearest catalogue images: the API's
+    hits, in order, each thumbnail loaded (fetched with the page's key handling, decoded, drawn)."""
+    import httpx
+    import torch
+    from PIL import Image
+
+    from pupil.data import load
+    from pupil.search.index import SearchIndex
+    from pupil.serve.app import create_app
+    from pupil.serve.models import load_served
+    from pupil.serve.search import install_search, load_indexes
+    from tests.test_serve import audited_run
+
+    run = audited_run(tmp_path_factory)
+    SearchIndex.build(run, "synthetic", tmp_path / "catalogue.idx", kind="flat", device="cpu")
+    app = create_app([load_served(run, torch.device("cpu"))])
+    install_search(app, load_indexes([str(tmp_path / "catalogue.idx")], torch.device("cpu")))
+    grating = tmp_path / "grating.png"
+    Image.fromarray(load("synthetic", "test").images[3, 0].numpy()).save(grating)
+    with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/"
+        files = {"image": ("grating.png", grating.read_bytes(), "image/png")}
+        want = httpx.post(url + "v1/indexes/catalogue/search?k=8", files=files).json()["queries"][0]["hits"]
+        [summary], problems = drive(url, [grating], tmp_path / "search.png")
+    assert summary["state"] == "done", summary["status"]
+    assert summary["search"] is False and len(summary["neighbours"]) == 8
+    assert [n["id"] for n in summary["neighbours"]] == [h["id"] for h in want]
+    assert [n["label"] for n in summary["neighbours"]] == [h["label"] for h in want]
+    assert [n["distance"] for n in summary["neighbours"]] == [f"{h['distance']:.3f}" for h in want]
+    assert all(n["width"] == 16 and n["shown"] > 0 for n in summary["neighbours"])  # loaded, decoded and drawn
+    assert "8 nearest of 512 in index catalogue (smoke's embedding, the model chosen" in summary["searchNote"]
+    assert not problems, problems
+
+
 def main(argv: list[str]) -> None:
-    """``python -m tests.test_serve_browser RUN IMAGE OUT.png``: a screenshot of the page answering IMAGE."""
+    """``python -m tests.test_serve_browser RUN IMAGE OUT.png [INDEX]``: a screenshot of the page answering IMAGE
+    (with the nearest catalogue images of INDEX)."""
     from tests.test_serve import running
 
-    run, image, out = argv
-    with running([run]) as (_, port):
+    global HEIGHT
+    run, image, out, *index = argv
+    HEIGHT = 820 if index else HEIGHT  # room for the catalogue images' labels
+    with running([run], indexes=index) as (_, port):
         summaries, problems = drive(f"http://127.0.0.1:{port}/", [Path(image)], Path(out))
     print(json.dumps(summaries[-1], indent=1), problems or "console clean", f"wrote {out}", sep="\n")
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -168,6 +170,12 @@ class SearchIndex:
         self._live = int(alive.sum())
         self._params: dict[tuple[int, int], Any] = {}  # (ef_search, nprobe) -> faiss search parameters
         self._embedder: Embedder | None = None
+        self.stamp: tuple[int, int, int] | None = None
+        """``file_stamp`` of ``path`` when this index was read or written: a server compares it with the file's now,
+        one ``stat`` per request, to see that another process has saved a new version."""
+        self.catalogues: dict[tuple[str, str], ImageDataset] = {}
+        """The registered datasets ``pixels`` has loaded, by (name, split): loaded once per index, not per call."""
+        self._catalogue_lock = threading.Lock()
 
     # -----------------------------------------------------------------------------------------------------------
     # Building
@@ -279,6 +287,7 @@ class SearchIndex:
         path = Path(path)
         if not path.is_file():
             raise PupilError(f"no search index at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        stamp = file_stamp(path)  # before reading: a file replaced meanwhile is seen as changed, never missed
         rebuild = "build it again with pupil index build"
         try:
             with safe_open(str(path), "np") as f:
@@ -308,7 +317,7 @@ class SearchIndex:
         stored = int(alive.sum()) + (len(tombstones) if kind == "hnsw" else 0)
         if not (len(labels) == len(alive) == n == len(sources)) or index.ntotal != stored:
             raise PupilError(f"corrupt search index {path}: its ids, labels and faiss index disagree; {rebuild}")
-        return cls(
+        out = cls(
             index,
             kind=kind,
             settings=settings,
@@ -323,6 +332,8 @@ class SearchIndex:
             path=path,
             created=meta.get("created"),
         )
+        out.stamp = stamp
+        return out
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the index (to ``path``, or where it was read from) atomically: a temporary file renamed over it."""
@@ -358,7 +369,7 @@ class SearchIndex:
         meta["sha256"] = _checksum(tensors)
         header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-        self.path = path
+        self.path, self.stamp = path, file_stamp(path)
         return path
 
     # -----------------------------------------------------------------------------------------------------------
@@ -584,7 +595,11 @@ class SearchIndex:
         """Refuse a run whose weights or embedding differ from those the index was built with."""
         from pupil.search.embed import embedding_info
 
-        info = embedding_info(run).as_dict()
+        self.check_embedding(embedding_info(run).as_dict())
+
+    def check_embedding(self, info: dict[str, Any]) -> None:
+        """Refuse an embedding (``EmbeddingInfo.as_dict()``) other than the one the index was built with: another
+        run's weights or another dimension."""
         built = self.identity
         if info["weights_sha256"] != built.get("weights_sha256") or info["dim"] != built.get("dim"):
             raise PupilError(
@@ -634,22 +649,21 @@ class SearchIndex:
         return self.classes.index(name)
 
     def pixels(self, ids: list[int] | np.ndarray) -> list[torch.Tensor | None]:
-        """The images behind ids (uint8 (C, H, W) as their source holds them), for a strip; None where the source
-        is gone (a removed item, a moved file, an item added as a tensor)."""
-        from pupil.data import DATASETS, load
+        """The images behind ids (uint8 (C, H, W) as their source holds them), for a strip or a server; None where
+        the source is gone (a removed item, a moved file, an item added as a tensor). A registered dataset is loaded
+        once per index (``catalogues``), not per call: a server asks for a few items at a time, and loading
+        Fashion-MNIST's training split took about a second. Safe to call from several threads."""
+        from pupil.data import DATASETS
         from pupil.data.images import read_images
 
         out: list[torch.Tensor | None] = []
-        loaded: dict[tuple[str, str], Any] = {}
         for i in np.asarray(ids).reshape(-1).tolist():
             source = self.sources[i] if 0 <= i < len(self.sources) else ""
             ref = _dataset_ref(source, DATASETS)
             try:
                 if ref is not None:
                     name, split, row = ref
-                    if (name, split) not in loaded:
-                        loaded[name, split] = load(name, split, data_dir=self.data.get("data_dir"))
-                    out.append(loaded[name, split].images[row])
+                    out.append(self._catalogue(name, split).images[row])
                 elif source and Path(source).is_file():
                     out.append(read_images([Path(source)]).images[0])
                 else:
@@ -657,6 +671,18 @@ class SearchIndex:
             except (PupilError, IndexError):
                 out.append(None)
         return out
+
+    def _catalogue(self, name: str, split: str) -> ImageDataset:
+        """A registered dataset's split, loaded on first use (one thread loads it; the others wait for it)."""
+        from pupil.data import load
+
+        ds = self.catalogues.get((name, split))
+        if ds is None:
+            with self._catalogue_lock:
+                ds = self.catalogues.get((name, split))
+                if ds is None:
+                    ds = self.catalogues[name, split] = load(name, split, data_dir=self.data.get("data_dir"))
+        return ds
 
     def describe(self) -> dict[str, Any]:
         """What the index is, for printing."""
@@ -707,6 +733,17 @@ def catalogue_sources(ds: ImageDataset, described: dict[str, Any]) -> list[str]:
     if "path" in ds.columns:
         return [str(Path(p).resolve()) for p in ds.columns["path"]]
     return [f"{described['name']}:{described.get('split')}:{i}" for i in range(len(ds))]
+
+
+def file_stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a file, None when it is missing. ``save`` renames a new file over the old one,
+    which gives the path another inode while the old file is still open or still there, so a change is seen even
+    within the file system's mtime resolution."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _dataset_ref(source: str, datasets) -> tuple[str, str, int] | None:
