@@ -26,12 +26,17 @@ writes first, measured the same way in the same invocation.
 ``pupil compress`` wrote, its artefact's format: vgg_small deployed for ONNX Runtime, for example, where the
 plain endpoint (which opens the run with ``pupil.load_run`` too) runs the same ONNX Runtime session.
 
+For a quicker look (an A/B of a setting, say): ``--no-lenet``, ``--sides``, ``--concurrency``, ``--soak-s 0`` and
+``--serve-args`` (flags added to every ``pupil serve`` side, such as ``--in-flight 1``); the goals are judged only
+when every side ran at concurrency 1 and 32.
+
 Writes benchmarks/results/serve.json; ``readme_table`` renders it. A hard cap (``--max-minutes``) stops the whole
 script; the servers it started are always stopped. The work folder (servers' logs, the lenet5 run) is deleted
 after a successful run unless ``--keep``. About 15 minutes on 2 cores at the defaults (lenet5 and vgg_small), about
 7 more per extra run.
 
-    python benchmarks/serve.py [--lenet RUN] [--vgg runs/fmnist_fast] [--extra RUN ...] [--soak-s 300]
+    python benchmarks/serve.py [--lenet RUN | --no-lenet] [--vgg runs/fmnist_fast] [--extra RUN ...] [--soak-s 300]
+        [--sides SIDE ...] [--concurrency N ...] [--serve-args "FLAGS"]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -348,23 +354,25 @@ def train_lenet(work: Path) -> Path:
 
 
 def measure_run(run: Path, pngs: list[bytes], args, work: Path) -> dict:
-    """The three sides on one run, then the soak on the batched one."""
+    """The sides (all three by default) on one run, then the soak on the batched one."""
     name, out = run.name, {"run": str(run), "model": json.loads((run / "run.json").read_text())["model"]["name"]}
     out["sides"], out["soak"] = {}, None
     for side, flags in SIDES.items():
+        if side not in args.sides:
+            continue
         port = free_port()
         reqs = http_requests(pngs, port, name)
         if flags is None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(run), "--port", str(port)]
         else:
             cmd = [sys.executable, "-m", "pupil", "serve", str(run), "--port", str(port), "--device", "cpu"]
-            cmd += ["--threads", str(THREADS), *flags]
+            cmd += ["--threads", str(THREADS), *flags, *shlex.split(args.serve_args)]
         print(f"  [{out['model']}] {side}", flush=True)
         proc = start(cmd, work / f"{name}_{side.replace(' ', '_')}.log", reqs[0])
         server = psutil.Process(proc.pid)
         try:
             rows = []
-            for conc in CONCURRENCY:
+            for conc in args.concurrency:
                 r = drive(server, reqs, conc, args.requests, args.limit_s, args.clients)
                 print(
                     f"    c={conc:>2}: {r['req_s']:7.1f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
@@ -425,8 +433,11 @@ def label(run: Path, model: str, taken: dict) -> str:
 
 
 def goals(m: dict) -> dict:
-    """The issue's goals for one run, each a measured figure and whether it is met."""
+    """The issue's goals for one run, each a measured figure and whether it is met; none when a side or a
+    concurrency they need was left out (``--sides``, ``--concurrency``)."""
     rows = {side: {r["concurrency"]: r for r in s["rows"]} for side, s in m["sides"].items()}
+    if set(rows) != set(SIDES) or any({1, 32} - set(r) for r in rows.values()):
+        return {}
     plain, unb, bat = rows["plain"], rows["pupil unbatched"], rows["pupil batched"]
     pupil_errors = sum(r["errors"] for side in ("pupil unbatched", "pupil batched") for r in rows[side].values())
     pupil_errors += m["soak"]["errors"] if m["soak"] else 0
@@ -506,6 +517,8 @@ def readme_table(data: dict) -> str:
         "| --- |" + " ---: |" * len(data["models"]) + " --- |",
     ]
     first = next(iter(data["models"].values()))
+    if not first["goals"]:
+        lines.append("| (goals need every side at concurrency 1 and 32) |" + " — |" * len(data["models"]) + " |")
     for k, g in first["goals"].items():
         cells = []
         for r in data["models"].values():
@@ -526,6 +539,17 @@ def main() -> None:
     ap.add_argument("--soak-s", type=float, default=300.0, help="soak duration per model (default 300 s)")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more audited runs (e.g. pupil compress output)")
+    ap.add_argument("--no-lenet", action="store_true", help="measure --vgg and --extra only")
+    ap.add_argument(
+        "--sides",
+        nargs="+",
+        choices=list(SIDES),
+        default=list(SIDES),
+        metavar="SIDE",
+        help="sides to measure (default: all; the goals need all): " + ", ".join(f"'{s}'" for s in SIDES),
+    )
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY), help="default 1 8 32")
+    ap.add_argument("--serve-args", default="", help="more flags for every pupil serve side, e.g. '--in-flight 1'")
     ap.add_argument("--max-minutes", type=float, default=45.0, help="hard cap on the whole script (default 45)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (servers' logs, the lenet5 run)")
@@ -549,14 +573,15 @@ def main() -> None:
     try:
         pngs = uploads(IMAGES)
         lenet = args.lenet
-        if lenet is None:
+        if lenet is None and not args.no_lenet:
             print("[0] a lenet5 run (1 epoch) and its audit", flush=True)
             lenet = train_lenet(work)
-        for i, run in enumerate((lenet, args.vgg, *args.extra), 1):
+        for i, run in enumerate(([] if args.no_lenet else [lenet]) + [args.vgg, *args.extra], 1):
             print(f"[{i}] {run}", flush=True)
             m = measure_run(run.resolve(), pngs, args, work)
             m["goals"] = goals(m)
-            m["run"] = str(run.resolve()).replace(str(ROOT) + "/", "") if args.lenet or i > 1 else "trained here"
+            here = i == 1 and args.lenet is None and not args.no_lenet
+            m["run"] = "trained here" if here else str(run.resolve()).replace(str(ROOT) + "/", "")
             models[label(run, m["model"], models)] = m
     finally:
         signal.alarm(0)
@@ -571,19 +596,24 @@ def main() -> None:
                 for r, p in zip(m["sides"]["pupil batched"]["rows"], m["sides"]["plain"]["rows"])
             }
             for model, m in models.items()
+            if {"plain", "pupil batched"} <= set(m["sides"])
         },
         "p99_ms": {
             model: {side: {str(r["concurrency"]): r["p99_ms"] for r in s["rows"]} for side, s in m["sides"].items()}
             for model, m in models.items()
         },
-        "goals_met": {model: all(g["met"] for g in m["goals"].values()) for model, m in models.items()},
+        "goals_met": {
+            model: all(g["met"] for g in m["goals"].values()) if m["goals"] else None for model, m in models.items()
+        },
         "client_cpu_share": {"median": float(np.median(shares)), "max": shares[-1], "unit": "cores (1.0 = one core)"},
         "machine": machine(),
         "load_avg_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
         "wall_s": time.perf_counter() - t_start,
         "settings": {
             "torch_threads": THREADS,
-            "concurrency": list(CONCURRENCY),
+            "concurrency": list(args.concurrency),
+            "sides": [side for side in SIDES if side in args.sides],
+            "serve_args": args.serve_args,
             "requests": args.requests,
             "limit_s": args.limit_s,
             "clients": args.clients,
@@ -591,7 +621,9 @@ def main() -> None:
             "images": IMAGES,
             "soak_s": args.soak_s,
             "soak_concurrency": SOAK_CONCURRENCY,
-            "lenet": "reused: " + str(args.lenet)
+            "lenet": "left out"
+            if args.no_lenet
+            else "reused: " + str(args.lenet)
             if args.lenet
             else "trained here: 1 epoch of recipes/fmnist_fast.yaml",
             "extra": [str(p) for p in args.extra],

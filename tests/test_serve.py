@@ -37,7 +37,7 @@ from pupil.errors import PupilError
 from pupil.serve import prepare, read_api_keys
 from pupil.serve.app import Settings, create_app, multipart_files
 from pupil.serve.batching import Batcher, Closed
-from pupil.serve.models import load_served, open_upload, to_pixels
+from pupil.serve.models import frozen_forward, load_served, open_upload, to_pixels
 from tests.conftest import ROOT
 
 KEY = "k3y-for-the-tests-0123456789"
@@ -288,6 +288,35 @@ def test_an_unaudited_run_is_served_with_t1_and_no_thresholds(client, bare, file
     assert client.post("/v1/models/bare/predict?conformal=0.9", files=_multipart(files[:1])).status_code == 400
 
 
+def test_the_frozen_forward_gives_the_eager_logits(audited):
+    """Served.logits runs frozen_forward's graph where tracing works: the eager model's logits to float rounding,
+    at batch sizes it was not traced at; a model swapped in later, or one whose trace would be wrong, runs eagerly."""
+    served = load_served(audited, torch.device("cpu"), warm_batch=4)
+    assert served.frozen is not None and served.frozen[0] is served.model
+    eager = dataclasses.replace(served, frozen=None)
+    rng = np.random.default_rng(3)
+    c = 1 if served.mode == "L" else 3
+    for b in (1, 3, 7):
+        pixels = rng.integers(0, 256, (b, c, served.side, served.side), dtype=np.uint8)
+        torch.testing.assert_close(served.logits(pixels), eager.logits(pixels), rtol=1e-4, atol=1e-5)
+
+    class BatchOfOne(nn.Module):  # a Python branch on the batch size: a trace keeps the branch it saw
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 4)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return y if x.shape[0] == 1 else -y
+
+    assert frozen_forward(BatchOfOne(), False, (1, 8, 8), [1, 4]) is None
+    swapped = dataclasses.replace(served, model=nn.Sequential(nn.Flatten(), nn.LazyLinear(len(served.classes))))
+    pixels = rng.integers(0, 256, (2, c, served.side, served.side), dtype=np.uint8)
+    with torch.no_grad():
+        want = swapped.model(torch.from_numpy(pixels).float().div(255))
+    torch.testing.assert_close(swapped.logits(pixels), want)
+
+
 def test_an_onnx_runtime_model_is_served_like_the_torch_one_and_explained_by_occlusion(served, bare, files, tmp_path):
     """A model without gradients or the feature contract (an ONNX Runtime session, as ``pupil.sources`` opens one and
     ``pupil compress --format onnx`` deploys one): the same answers as the PyTorch network it was exported from,
@@ -318,9 +347,15 @@ def test_an_onnx_runtime_model_is_served_like_the_torch_one_and_explained_by_occ
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert not ort_served.gradients and ort_served.explain_method == "occlusion"
 
+    # The source is decoded as its audit decoded the data (shorter side resized, centre crop), the run by a plain
+    # resize: uploads already at the input size are the same pixels for both.
+    same = []
+    for i, f in enumerate(files):
+        same.append(tmp_path / f"{i}.png")
+        same[-1].write_bytes(_png(ort_served.decode(open_upload(f.read_bytes()))[0]))
     with TestClient(create_app([load_served(bare, torch.device("cpu")), ort_served])) as c:
-        want = c.post("/v1/models/bare/predict?top=4", files=_multipart(files)).json()
-        got = c.post("/v1/models/ort/predict?top=4", files=_multipart(files)).json()
+        want = c.post("/v1/models/bare/predict?top=4", files=_multipart(same)).json()
+        got = c.post("/v1/models/ort/predict?top=4", files=_multipart(same)).json()
         assert got["model"] == "ort" and got["version"] == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         assert got["ood"] == want["ood"] and got["calibration"] == want["calibration"]
         for a, b in zip(got["predictions"], want["predictions"], strict=True):
@@ -328,7 +363,7 @@ def test_an_onnx_runtime_model_is_served_like_the_torch_one_and_explained_by_occ
             assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-5)
             assert a["ood"]["score"] == pytest.approx(b["ood"]["score"], abs=1e-5)
         assert c.get("/v1/models/ort").json()["explain"] == "occlusion"
-        r = c.post("/v1/models/ort/explain", files=_multipart(files[:1]))
+        r = c.post("/v1/models/ort/explain", files=_multipart(same[:1]))
         assert r.status_code == 200 and r.headers["x-method"] == "occlusion", r.text
         assert r.headers["x-predicted-class"] == got["predictions"][0]["top"][0]["label"]
         assert Image.open(io.BytesIO(r.content)).size[0] >= 256

@@ -12,11 +12,13 @@ a half-ready server. ``prepare`` does all of that and returns the server unstart
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,19 +30,22 @@ if TYPE_CHECKING:
 
 NEEDS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
 MIN_KEY_CHARS = 16
+SWITCH_S = 0.0002  # the interpreter's switch interval while serving (see prepare)
 LOOPBACK_NAMES = ("localhost",)
 
 
 def serve_command_main(runs: list[str], log: Callable[[str], Any] = print, **settings: Any) -> None:
-    """Serve ``runs`` (run directories) until Ctrl-C or SIGTERM, then finish the requests in flight and return.
-    ``settings`` are ``prepare``'s (host, port, max_batch, ...).
+    """Serve ``runs`` (run directories, audit folders or model sources) until Ctrl-C or SIGTERM, then finish the
+    requests in flight and return. ``settings`` are ``prepare``'s (host, port, max_batch, ...).
 
     Raises PupilError (one line) for every problem found before the server listens: a bad setting, a missing
     package, an API key file that is missing, empty or holds a short key, a host that is not an address of this
     machine, a port in use, a run that fails to load or to warm up.
     """
     server, sock, url = prepare(runs, log=log, **settings)
-    log(f"serving {len(runs)} model{'s' if len(runs) > 1 else ''} at {url} (Ctrl-C stops after the requests in flight)")
+    n = len(settings.get("indexes") or [])
+    what = f"{len(runs)} model{'s' if len(runs) > 1 else ''}" + (f" and {n} index{'es' if n > 1 else ''}" if n else "")
+    log(f"serving {what} at {url} (Ctrl-C stops after the requests in flight)")
     try:
         server.run(sockets=[sock])
     finally:
@@ -61,41 +66,62 @@ def prepare(
     timeout_s: float = 10.0,
     max_images: int = 16,
     threads: int = 0,
+    in_flight: int = 0,
     access_log: bool = False,
     log_level: str = "info",
     log: Callable[[str], Any] = print,
+    indexes: list[str] | None = None,
+    source: dict[str, Any] | None = None,
 ):
     """Everything ``serve_command_main`` does before serving: returns ``(uvicorn.Server, bound socket, url)``;
-    ``server.run(sockets=[sock])`` then serves (``port=0`` binds a free port)."""
+    ``server.run(sockets=[sock])`` then serves (``port=0`` binds a free port). ``in_flight`` 0 (automatic): two
+    batches of a model at once where there is a second core and every model's forward pass takes the interpreter
+    lock back once (``pupil.serve.batching``), else one; ``threads`` 0: the cores but one, shared by those batches.
+    ``indexes``: search indexes as PATH or NAME=PATH (``pupil.serve.search``). ``source``: the weights, classes and
+    preprocessing of the one model source served (``pupil.serve.models.load_served``)."""
+    from pupil.sources import option_flags
+
     if not runs:
-        raise PupilError("give at least one run directory to serve")
+        raise PupilError("give at least one run directory, audit folder or model source to serve")
+    if len(runs) != 1 and (flags := option_flags(source or {})):
+        raise PupilError(f"{' '.join(flags)} describe one model source: serve it on its own")
     require()
-    settings = _settings(max_batch, max_wait_ms, max_upload_mb, timeout_s, max_images, host, api_key_file)
+    cores, auto, auto_threads = len(os.sched_getaffinity(0)), not in_flight, not threads
+    in_flight = in_flight or (2 if cores > 1 else 1)  # two where there is a second core, unless (below)
+    settings = _settings(max_batch, max_wait_ms, max_upload_mb, timeout_s, max_images, host, api_key_file, in_flight)
     if not 0 <= port <= 65535:
         raise PupilError(f"--port must be from 0 to 65535, not {port}")
     if threads < 0:
         raise PupilError(f"--threads must be 0 (automatic) or more, not {threads}")
+
     import torch
     import uvicorn
 
     from pupil.runtime import resolve_device
     from pupil.serve.app import create_app
     from pupil.serve.models import load_served
+    from pupil.serve.search import load_indexes
 
     dev = resolve_device(device)
     sock = bind(host, port)
     try:
-        # One core stays with the event loop (HTTP parsing, decoding); the inference thread takes the rest.
-        threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        # One core stays with the event loop (HTTP parsing, answers); the batches in flight share the rest.
+        threads = threads or max(1, (cores - 1) // settings.in_flight)
         torch.set_num_threads(threads)
         models, names = [], {}
         for run in runs:
-            served = load_served(run, dev, warm_batch=max_batch, threads=threads)
+            served = load_served(run, dev, warm_batch=max_batch, threads=threads, source=source)
             if served.name in names:
                 raise PupilError(f"{run} and {names[served.name]} are both named {served.name}: serve distinct names")
             names[served.name] = run
             models.append(served)
-        app = create_app(models, settings)
+        if auto and settings.in_flight > 1 and not all(map(_one_release, models)):
+            # An eager forward pass returns to Python between operators: two of them beside the event loop fought
+            # over the interpreter lock more than they overlapped (pupil.serve.batching), so one, on every thread.
+            settings = dataclasses.replace(settings, in_flight=1)
+            if auto_threads:
+                torch.set_num_threads(max(1, cores - 1))
+        app = create_app(models, settings, load_indexes(list(indexes or []), dev))
     except BaseException:
         sock.close()
         raise
@@ -103,6 +129,12 @@ def prepare(
     # the cyclic garbage collector, whose full passes over it took about 180 ms, stalling every request in flight.
     gc.collect()
     gc.freeze()
+    if settings.in_flight > 1:
+        # A thread that gave the interpreter lock up (a forward pass, a decode) waits this long before it may take
+        # it back from one running Python (the event loop): at CPython's default of 5 ms, a batch handed to a free
+        # thread waited for the loop to finish answering the last one. (With eager forward passes, which take the
+        # lock back after every operator, the shorter interval cost more in switching than it saved.)
+        sys.setswitchinterval(SWITCH_S)
     if not settings.api_keys and not _loopback(host):
         log(f"warning: listening on {host} without --api-key-file: anyone who can reach this machine can use it")
     config = uvicorn.Config(
@@ -174,6 +206,12 @@ class OneWrite:
         return getattr(self.transport, name)
 
 
+def _one_release(served: Any) -> bool:
+    """Whether a forward pass of ``served`` takes the interpreter lock back once only: a frozen TorchScript graph
+    (``Served.frozen``) or an ONNX Runtime session (a model without gradients)."""
+    return getattr(served, "frozen", None) is not None or not served.gradients
+
+
 def require() -> None:
     """One line naming the missing packages and the pip command, when the serve extra is not installed."""
     import importlib.util
@@ -190,6 +228,7 @@ def _settings(
     max_images: int,
     host: str,
     api_key_file: str | Path | None,
+    in_flight: int = 1,
 ) -> Settings:
     from pupil.serve.app import Settings
 
@@ -199,6 +238,7 @@ def _settings(
         (max_upload_mb > 0, f"--max-upload-mb must be positive, not {max_upload_mb:g}"),
         (timeout_s > 0, f"--timeout-s must be positive, not {timeout_s:g}"),
         (max_images >= 1, f"--max-images must be at least 1, not {max_images}"),
+        (in_flight >= 0, f"--in-flight must be 0 (automatic) or more, not {in_flight}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -215,6 +255,7 @@ def _settings(
         timeout_s=timeout_s,
         api_keys=keys,
         allowed_hosts=hosts,
+        in_flight=in_flight,
     )
 
 

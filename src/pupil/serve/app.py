@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hmac
 import json
@@ -43,13 +44,14 @@ import logging
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote
 
 import numpy as np
@@ -70,6 +72,9 @@ from pupil.serve.models import (
     to_pixels,
 )
 
+if TYPE_CHECKING:
+    from pupil.serve.search import ServedIndex
+
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
 else:  # pragma: no cover
@@ -86,10 +91,17 @@ log = logging.getLogger("pupil.serve")
 PAGE = Path(__file__).with_name("templates") / "index.html"
 INLINE_PIXELS = 256 * 256  # uploads up to this size are decoded by the inference thread; larger ones in a decode thread
 OPEN = frozenset({"page", "healthz", "readyz"})  # reachable without the API key
-TIMED = frozenset({"predict", "explain"})
+TIMED = frozenset({"predict", "explain", "search", "item"})
 HOT = ("/v1/models/{name}/predict", "/v1/models/{name}/explain")
 FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)  # a file part's Content-Disposition parameter
-FIXED = {"/": "page", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/models": "models"}
+FIXED = {
+    "/": "page",
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/v1/models": "models",
+    "/v1/indexes": "indexes",
+}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NOSNIFF = (b"x-content-type-options", b"nosniff")
@@ -128,12 +140,14 @@ class Settings:
     """Host header values (without port) the server answers; None: any."""
     max_queue: int = 1024
     """Images waiting per model beyond which predict answers 503."""
+    in_flight: int = 1
+    """Batches of one model that may run at once, each on its own inference thread (``pupil.serve.batching``)."""
     top: int = 5
     """Classes per prediction unless the request asks ``?top=``."""
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_images < 1 or self.max_upload_bytes < 1 or self.max_pixels < 1:
-            raise ValueError("max_batch, max_images, max_upload_bytes and max_pixels must be positive")
+        if min(self.max_batch, self.max_images, self.max_upload_bytes, self.max_pixels, self.in_flight) < 1:
+            raise ValueError("max_batch, max_images, max_upload_bytes, max_pixels and in_flight must be positive")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
 
@@ -170,6 +184,13 @@ def endpoint(path: str) -> str:
             return "model"
         if len(parts) == 5 and parts[4] in ("predict", "explain", "report"):
             return parts[4]
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] == "indexes":
+        if len(parts) == 4:
+            return "index"
+        if len(parts) == 5 and parts[4] == "search":
+            return "search"
+        if len(parts) == 6 and parts[4] == "items":
+            return "item"
     return "other"
 
 
@@ -340,13 +361,17 @@ class State:
     metrics: Metrics
     batchers: dict[str, Batcher] = field(default_factory=dict)
     executor: ThreadPoolExecutor | None = None
+    """The inference thread: explanations, searches, and predict batches when one runs at a time."""
+    batch_pool: ThreadPoolExecutor | None = None
+    """Where predict batches run: ``executor``, or ``in_flight`` threads of their own."""
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
 
 
-def run_batch(served: Served, works: list[Work]) -> list[Any]:
+def run_batch(served: Served, works: list[Work], answering: threading.Lock | None = None) -> list[Any]:
     """Decode what is left to decode, one forward pass over every request's images, then each request's answers
-    (or the error it gets: a corrupt image, non-finite logits)."""
+    (or the error it gets: a corrupt image, non-finite logits). ``answering``: held while the answers are made,
+    when two batches of ``served`` may run at once (the conformal calibrations are cached on first use)."""
     out: list[Any] = [None] * len(works)
     arrays: list[np.ndarray] = []
     spans: list[tuple[int, int, int]] = []  # (request, first row, rows)
@@ -364,14 +389,15 @@ def run_batch(served: Served, works: list[Work]) -> list[Any]:
     rows = [(works[j], n) for j, _, n in spans]
     top = [w.top for w, n in rows for _ in range(n)]
     levels = [w.level for w, n in rows for _ in range(n)]
-    answers = served.answer(logits, [a.tobytes() for a in arrays], top, levels)
-    finite = torch.isfinite(logits).all(1).tolist()
-    for j, start, n in spans:
-        if not all(finite[start : start + n]):
-            out[j] = RuntimeError("the model produced non-finite logits for this image")
-        else:
-            level = works[j].level
-            out[j] = (answers[start : start + n], served.conformal_info(level) if level is not None else None)
+    with answering or contextlib.nullcontext():
+        answers = served.answer(logits, [a.tobytes() for a in arrays], top, levels)
+        finite = torch.isfinite(logits).all(1).tolist()
+        for j, start, n in spans:
+            if not all(finite[start : start + n]):
+                out[j] = RuntimeError("the model produced non-finite logits for this image")
+            else:
+                level = works[j].level
+                out[j] = (answers[start : start + n], served.conformal_info(level) if level is not None else None)
     return out
 
 
@@ -379,7 +405,7 @@ def _pixels_of(image: Any, served: Served, i: int, n: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
     try:
-        return to_pixels(image, served.mode, served.side)
+        return to_pixels(image, served.mode, served.side, getattr(served, "fit", None))  # a source: resize + crop
     except BadUpload as e:
         raise BadUpload(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
 
@@ -469,9 +495,14 @@ def find(models: dict[str, Served], name: str) -> Served:
     return models[name]
 
 
-def create_app(models: list[Served], settings: Settings | None = None) -> ServeApp:
-    """The FastAPI app serving ``models`` (loaded and warmed up by ``load_served``)."""
+def create_app(
+    models: list[Served], settings: Settings | None = None, indexes: list[ServedIndex] | None = None
+) -> ServeApp:
+    """The FastAPI app serving ``models`` (loaded and warmed up by ``load_served``) and the search ``indexes``
+    (``pupil.serve.search.load_indexes``; the search routes are there with none, and list none)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from pupil.serve.search import install_search
 
     settings = settings or Settings()
     by_name = {m.name: m for m in models}
@@ -482,17 +513,21 @@ def create_app(models: list[Served], settings: Settings | None = None) -> ServeA
 
     @asynccontextmanager
     async def lifespan(app):
-        state.executor = ThreadPoolExecutor(1, "pupil-infer")  # one inference thread: batches never compete
+        state.executor = ThreadPoolExecutor(1, "pupil-infer")
         state.decode_pool = ThreadPoolExecutor(2, "pupil-decode")  # large uploads, decoded off the event loop
+        n = settings.in_flight
+        state.batch_pool = state.executor if n == 1 else ThreadPoolExecutor(n, "pupil-batch")
         for name, served in by_name.items():
             observe = state.metrics.batch.labels(name).observe
+            lock = threading.Lock() if n > 1 else None
             b = Batcher(
-                lambda works, s=served: run_batch(s, works),
-                state.executor,
+                lambda works, s=served, lock=lock: run_batch(s, works, lock),
+                state.batch_pool,
                 settings.max_batch,
                 settings.max_wait_ms / 1000,
                 settings.max_queue,
                 observe,
+                n,
             )
             b.start()
             state.batchers[name] = b
@@ -503,6 +538,7 @@ def create_app(models: list[Served], settings: Settings | None = None) -> ServeA
             state.ready = False  # readyz says 503 from here on; uvicorn has already stopped accepting
             for b in state.batchers.values():
                 await b.close()
+            state.batch_pool.shutdown(wait=True)
             state.executor.shutdown(wait=True)
             state.decode_pool.shutdown(wait=True)
 
@@ -567,9 +603,12 @@ def create_app(models: list[Served], settings: Settings | None = None) -> ServeA
         target = _target(request.query_params, served)
         blobs = _uploads(request.headers.get("content-type", ""), await request.body(), 1)
         pixels = await _open(state, served, blobs[0], 0, 1, large_only=False)
-        loop = asyncio.get_running_loop()
+        batcher = state.batchers.get(name)
+        if batcher is None or state.executor is None:
+            raise HTTPException(503, "the server is not ready")
         try:
-            png, pred, explained = await loop.run_in_executor(state.executor, served.explain, pixels, method, target)
+            # Grad-CAM hooks the model's layer, which would see a predict batch's forward pass on another thread
+            png, pred, explained = await batcher.run_exclusive(state.executor, served.explain, pixels, method, target)
         except RuntimeError as e:  # an executor shut down, or the method failed on this model
             raise HTTPException(503 if "shutdown" in str(e) else 500, f"explanation failed: {e}") from None
         except Exception as e:
@@ -587,6 +626,7 @@ def create_app(models: list[Served], settings: Settings | None = None) -> ServeA
     app.add_route("/v1/models/{name}/predict", predict, methods=["POST"], include_in_schema=False)
     app.add_route("/v1/models/{name}/explain", explain, methods=["POST"], include_in_schema=False)
     app.router.routes.sort(key=lambda r: getattr(r, "path", "") not in HOT)  # a stable sort
+    install_search(app, list(indexes or []))
     return app
 
 
@@ -745,8 +785,8 @@ async def _open(state: State, served: Served, data: bytes, i: int, n: int, large
     try:
         im = open_upload(data, state.settings.max_pixels)
         if im.width * im.height <= INLINE_PIXELS:
-            return im if large_only else to_pixels(im, served.mode, served.side)
+            return im if large_only else to_pixels(im, served.mode, served.side, served.fit)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state.decode_pool, to_pixels, im, served.mode, served.side)
+        return await loop.run_in_executor(state.decode_pool, to_pixels, im, served.mode, served.side, served.fit)
     except BadUpload as e:
         raise HTTPException(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
