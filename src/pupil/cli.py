@@ -196,7 +196,15 @@ def _deferral_threshold(run: str, value: str | None) -> float | None:
 
 @app.command("serve")
 def serve_cmd(
-    runs: Annotated[list[str], typer.Argument(help="Run directories to serve (each under its run name).")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="What to serve, each under its name: run directories, audit folders (audits/NAME from pupil audit "
+            "MODEL --data D, served with the audit's rules), or model sources (timm:NAME, torchvision:NAME, onnx:FILE, "
+            "torchscript:FILE, export:FILE, py:pkg.mod:factory), served unaudited.",
+            show_default=False,
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the service on this machine.")] = (
         "127.0.0.1"
     ),
@@ -209,14 +217,67 @@ def serve_cmd(
         Path | None, typer.Option(help="File holding the API key requests must send (X-API-Key or Bearer).")
     ] = None,
     timeout_s: Annotated[float, typer.Option(help="Seconds before a request gets 504.")] = 10.0,
-    threads: Annotated[int, typer.Option(help="Torch threads for inference (0: cores - 1).")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads per batch (0: cores - 1, shared by the batches).")] = 0,
+    in_flight: Annotated[
+        int,
+        typer.Option(
+            help="Batches of one model run at once (0: two on two cores or more when every forward pass releases "
+            "the interpreter lock once (a frozen graph, ONNX Runtime), else one)."
+        ),
+    ] = 0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    index: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--index",
+            help="A search index (pupil index build) as PATH or NAME=PATH, kept fresh as pupil index add/remove "
+            "change it; the page shows each upload's nearest catalogue images. Repeat for more.",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="One model source: state dict (.safetensors/.pth) of timm:, torchvision:, py:.")
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option(help="One model source: the published weights of a timm: or torchvision: model (network).")
+    ] = False,
+    classes: Annotated[
+        Path | None,
+        typer.Option(help="One model source: its class names, one per line (default: the model's own, else 0..K-1)."),
+    ] = None,
+    img_size: Annotated[int | None, typer.Option(help="One model source: its input side in pixels.")] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="One model source: shorter side before the centre crop (default: the crop).")
+    ] = None,
+    crop: Annotated[int | None, typer.Option(help="One model source: side of the centre crop it takes.")] = None,
+    interpolation: Annotated[
+        str | None, typer.Option(help="One model source: nearest, bilinear or bicubic (default: the model's).")
+    ] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="One model source: normalisation mean, comma-separated, in --input-range units.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="One model source: normalisation std, comma-separated.")] = None,
+    input_range: Annotated[str | None, typer.Option(help="One model source: its pixel range, 0-1 or 0-255.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Serve runs over HTTP with a web page: predictions with calibrated probabilities, OOD flags, deferral,
-    conformal sets and explanations; /healthz, /readyz and Prometheus /metrics. Ctrl-C finishes the requests in
-    flight, then stops."""
+    """Serve runs, audited models or model sources over HTTP with a web page: predictions with calibrated
+    probabilities, OOD flags, deferral, conformal sets and explanations, the nearest catalogue images of search
+    indexes; /healthz, /readyz and Prometheus /metrics. Ctrl-C finishes the requests in flight, then stops."""
     from pupil.serve import serve_command_main
+
+    source = {
+        "weights": weights,
+        "pretrained": pretrained,
+        "classes": classes,
+        "preprocess": {
+            "img_size": img_size,
+            "resize": resize,
+            "crop": crop,
+            "interpolation": interpolation,
+            "mean": mean,
+            "std": std,
+            "input_range": input_range,
+        },
+    }
 
     serve_command_main(
         runs,
@@ -230,7 +291,10 @@ def serve_cmd(
         timeout_s=timeout_s,
         max_images=max_images,
         threads=threads,
+        in_flight=in_flight,
         access_log=access_log,
+        indexes=index or [],
+        source=source,
         log=lambda line: console.print(line, markup=False),
     )
 
