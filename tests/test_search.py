@@ -382,15 +382,20 @@ def test_index_commands_end_to_end(smoke, tmp_path, capsys):
         search_command(out, queries[:1], k=513, device="cpu")
 
 
-def test_an_index_refuses_another_models_queries(smoke, tmp_path):
+def nudged_copy(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` at ``dest`` whose first weight tensor is moved by 0.01: another model of the same shape."""
     from safetensors.torch import load_file, save_file
 
-    other = tmp_path / "other"
-    shutil.copytree(smoke, other)
-    state = load_file(other / "model.safetensors")
+    shutil.copytree(run, dest)
+    state = load_file(dest / "model.safetensors")
     key = next(iter(state))
     state[key] = state[key] + 0.01
-    save_file(state, other / "model.safetensors")
+    save_file(state, dest / "model.safetensors")
+    return dest
+
+
+def test_an_index_refuses_another_models_queries(smoke, tmp_path):
+    other = nudged_copy(smoke, tmp_path / "other")
     out = tmp_path / "idx"
     index_build_command(smoke, "synthetic", out, kind="flat", progress=False, device="cpu")
     query = _pngs(tmp_path / "q", 1)

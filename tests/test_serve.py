@@ -73,7 +73,14 @@ def running(runs: list[str], **options):
     once it accepts connections, stops it afterwards."""
     options = {"port": 0, "threads": torch.get_num_threads(), "log_level": "warning", "log": lambda _: None} | options
     server, sock, _ = prepare(runs, **options)
-    port = sock.getsockname()[1]
+    with in_thread(server, sock) as port:
+        yield server, port
+
+
+@contextlib.contextmanager
+def in_thread(server, sock):
+    """``server`` (a uvicorn.Server) run on the bound ``sock`` in a thread: yields the port once it accepts
+    connections; stops it and closes the socket afterwards."""
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -81,7 +88,7 @@ def running(runs: list[str], **options):
         time.sleep(0.02)
     assert server.started, "the server did not start"
     try:
-        yield server, port
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(15)

@@ -260,14 +260,9 @@ def test_bad_names_ids_and_options(client, queries, method, url, status, message
 
 def _other_model_index(smoke: Path, folder: Path) -> Path:
     """An index of the same images built by a copy of the smoke run whose weights differ."""
-    from safetensors.torch import load_file, save_file
+    from tests.test_search import nudged_copy
 
-    other = folder / "other"
-    shutil.copytree(smoke, other)
-    state = load_file(other / "model.safetensors")
-    key = next(iter(state))
-    state[key] = state[key] + 0.01
-    save_file(state, other / "model.safetensors")
+    other = nudged_copy(smoke, folder / "other")
     out = folder / "other.idx"
     SearchIndex.build(other, "synthetic", out, kind="flat", device="cpu")
     return out

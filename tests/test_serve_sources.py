@@ -25,6 +25,7 @@ import pupil
 from pupil.data.images import Fit, read_images
 from pupil.errors import PupilError
 from pupil.serve.models import load_served, open_upload, to_pixels
+from tests.test_sources import colour_folder
 
 pytest.importorskip("fastapi")
 
@@ -59,16 +60,7 @@ def tiny_net(seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """Three colour classes of 16 images each, 40x30 RGB PNGs (red, green or blue dominant)."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(["red", "green", "blue"]):
-        (root / name).mkdir()
-        for i in range(16):
-            a = rng.integers(0, 90, (30, 40, 3), dtype=np.uint8)
-            a[..., k] = rng.integers(150, 256, (30, 40), dtype=np.uint8)
-            Image.fromarray(a).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("colours"), 16)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ the one-line refusals. Models are tiny and the data is a generated colour folder
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,18 +36,21 @@ def tiny_net(k: int = 3) -> nn.Module:
     return TinyNet(k)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Three colour classes of 12 images each, 40x30 RGB PNGs: red, green or blue dominant."""
-    root = tmp_path_factory.mktemp("colours")
+def colour_folder(root: Path, per_class: int) -> Path:
+    """Three colour classes of ``per_class`` images each in ``root``, 40x30 RGB PNGs: red, green or blue dominant."""
     rng = np.random.default_rng(0)
     for k, name in enumerate(["red", "green", "blue"]):
         (root / name).mkdir()
-        for i in range(12):
+        for i in range(per_class):
             a = rng.integers(0, 90, (30, 40, 3), dtype=np.uint8)
             a[..., k] = rng.integers(150, 256, (30, 40), dtype=np.uint8)
             Image.fromarray(a).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return colour_folder(tmp_path_factory.mktemp("colours"), 12)
 
 
 def audit(tmp_path, model, data, **kw):

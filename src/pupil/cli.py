@@ -29,6 +29,22 @@ app.add_typer(index_app, name="index")
 console = Console(soft_wrap=True)  # long lines stay whole when piped (no hard wrap at 80 columns)
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+
+# How a model pupil did not train is opened (pupil audit and pupil serve take the same flags; pupil.sources).
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="timm:/torchvision:/py: weights: .safetensors or a .pth/.pt state dict.")
+]
+PretrainedOpt = Annotated[bool, typer.Option(help="timm:/torchvision: the published weights (network).")]
+ImgSizeOpt = Annotated[int | None, typer.Option(help="The model's input side in pixels.")]
+ResizeOpt = Annotated[int | None, typer.Option(help="Resize the shorter side to this before the crop.")]
+CropOpt = Annotated[int | None, typer.Option(help="Centre crop side (default: --img-size).")]
+InterpolationOpt = Annotated[str | None, typer.Option(help="nearest, bilinear or bicubic.")]
+MeanOpt = Annotated[str | None, typer.Option(help="Per-channel mean the model subtracts, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option(help="Per-channel std the model divides by.")]
+InputRangeOpt = Annotated[
+    str | None, typer.Option(help="0-1 or 0-255: the pixel range the model takes (mean/std in its units).")
+]
+ClassesOpt = Annotated[Path | None, typer.Option(help="The model's class names, one per line, in output order.")]
 DataDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -234,34 +250,22 @@ def serve_cmd(
             "change it; the page shows each upload's nearest catalogue images. Repeat for more.",
         ),
     ] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="One model source: state dict (.safetensors/.pth) of timm:, torchvision:, py:.")
-    ] = None,
-    pretrained: Annotated[
-        bool, typer.Option(help="One model source: the published weights of a timm: or torchvision: model (network).")
-    ] = False,
-    classes: Annotated[
-        Path | None,
-        typer.Option(help="One model source: its class names, one per line (default: the model's own, else 0..K-1)."),
-    ] = None,
-    img_size: Annotated[int | None, typer.Option(help="One model source: its input side in pixels.")] = None,
-    resize: Annotated[
-        int | None, typer.Option(help="One model source: shorter side before the centre crop (default: the crop).")
-    ] = None,
-    crop: Annotated[int | None, typer.Option(help="One model source: side of the centre crop it takes.")] = None,
-    interpolation: Annotated[
-        str | None, typer.Option(help="One model source: nearest, bilinear or bicubic (default: the model's).")
-    ] = None,
-    mean: Annotated[
-        str | None, typer.Option(help="One model source: normalisation mean, comma-separated, in --input-range units.")
-    ] = None,
-    std: Annotated[str | None, typer.Option(help="One model source: normalisation std, comma-separated.")] = None,
-    input_range: Annotated[str | None, typer.Option(help="One model source: its pixel range, 0-1 or 0-255.")] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    classes: ClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    input_range: InputRangeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve runs, audited models or model sources over HTTP with a web page: predictions with calibrated
     probabilities, OOD flags, deferral, conformal sets and explanations, the nearest catalogue images of search
-    indexes; /healthz, /readyz and Prometheus /metrics. Ctrl-C finishes the requests in flight, then stops."""
+    indexes; /healthz, /readyz and Prometheus /metrics. Ctrl-C finishes the requests in flight, then stops.
+    --weights, --pretrained, --classes and the preprocessing flags describe a model source, served on its own."""
     from pupil.serve import serve_command_main
 
     source = {
@@ -484,24 +488,16 @@ def audit_cmd(
     ] = None,
     thresholds: Annotated[Path | None, typer.Option(help="YAML of grade limits for the summary card.")] = None,
     data_dir: DataDirOpt = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="timm:/torchvision:/py: weights: .safetensors or a .pth/.pt state dict.")
-    ] = None,
-    pretrained: Annotated[bool, typer.Option(help="timm:/torchvision: the published weights (network).")] = False,
-    img_size: Annotated[int | None, typer.Option(help="The model's input side in pixels.")] = None,
-    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to this before the crop.")] = None,
-    crop: Annotated[int | None, typer.Option(help="Centre crop side (default: --img-size).")] = None,
-    interpolation: Annotated[str | None, typer.Option(help="nearest, bilinear or bicubic.")] = None,
-    mean: Annotated[
-        str | None, typer.Option(help="Per-channel mean the model subtracts, e.g. 0.485,0.456,0.406.")
-    ] = None,
-    std: Annotated[str | None, typer.Option(help="Per-channel std the model divides by.")] = None,
-    input_range: Annotated[
-        str | None, typer.Option(help="0-1 or 0-255: the pixel range the model takes (mean/std in its units).")
-    ] = None,
-    classes: Annotated[
-        Path | None, typer.Option(help="The model's class names, one per line, in output order.")
-    ] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
+    img_size: ImgSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    input_range: InputRangeOpt = None,
+    classes: ClassesOpt = None,
     class_map: Annotated[
         str | None, typer.Option(help="auto (by name or WordNet id) or a CSV of data_class,model_class.")
     ] = None,

@@ -69,7 +69,6 @@ from pupil.serve.models import (
     BadUpload,
     Served,
     open_upload,
-    to_pixels,
 )
 
 if TYPE_CHECKING:
@@ -401,11 +400,11 @@ def run_batch(served: Served, works: list[Work], answering: threading.Lock | Non
     return out
 
 
-def _pixels_of(image: Any, served: Served, i: int, n: int) -> np.ndarray:
+def _pixels_of(image: Any, served: Served | ServedIndex, i: int, n: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
     try:
-        return to_pixels(image, served.mode, served.side, getattr(served, "fit", None))  # a source: resize + crop
+        return served.decode(image)
     except BadUpload as e:
         raise BadUpload(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
 
@@ -785,8 +784,8 @@ async def _open(state: State, served: Served, data: bytes, i: int, n: int, large
     try:
         im = open_upload(data, state.settings.max_pixels)
         if im.width * im.height <= INLINE_PIXELS:
-            return im if large_only else to_pixels(im, served.mode, served.side, served.fit)
+            return im if large_only else served.decode(im)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state.decode_pool, to_pixels, im, served.mode, served.side, served.fit)
+        return await loop.run_in_executor(state.decode_pool, served.decode, im)
     except BadUpload as e:
         raise HTTPException(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None

@@ -85,6 +85,12 @@ class ServedIndex:
     def side(self) -> int:
         return self.embedder.info.input_shape[1]
 
+    def decode(self, im) -> np.ndarray:
+        """An opened upload decoded to the embedding run's input, as ``pupil search`` decodes a file."""
+        from pupil.serve.models import to_pixels
+
+        return to_pixels(im, self.mode, self.side)
+
     async def current(self) -> SearchIndex:
         """The index, read again first when its file changed (off the event loop; concurrent requests wait for one
         read)."""
@@ -445,7 +451,7 @@ async def _open_query(state: Any, si: ServedIndex, data: bytes, i: int, n: int) 
     from fastapi import HTTPException
 
     from pupil.serve.app import INLINE_PIXELS
-    from pupil.serve.models import BadUpload, open_upload, to_pixels
+    from pupil.serve.models import BadUpload, open_upload
 
     try:
         im = open_upload(data, state.settings.max_pixels)
@@ -453,7 +459,7 @@ async def _open_query(state: Any, si: ServedIndex, data: bytes, i: int, n: int) 
         conversions = query_conversions(im, si.mode, si.side)
         if im.width * im.height > INLINE_PIXELS:
             loop = asyncio.get_running_loop()
-            im = await loop.run_in_executor(state.decode_pool, to_pixels, im, si.mode, si.side)
+            im = await loop.run_in_executor(state.decode_pool, si.decode, im)
         return im, info, conversions
     except BadUpload as e:
         raise HTTPException(e.status, f"image {i + 1}: {e}" if n > 1 else str(e)) from None
